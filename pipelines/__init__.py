@@ -1,0 +1,1 @@
+"""The orchestration layer: CLI, config, driver, Ray Data stages, graph refresh."""

@@ -1,0 +1,310 @@
+"""One typed, frozen configuration for a hardbatch job.
+
+A job is described by a YAML file plus ``--set a.b=c`` overrides. Both are merged, validated by the
+pydantic models below, and frozen; the driver then computes the derived quantities (per-worker batch,
+CPUs per worker, steps per epoch) once and logs them beside the config.
+
+Every bad input becomes a :class:`ConfigError` whose message names the field, the value and what is
+allowed, so the CLI can print one line without a traceback, before Ray is started.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipelines import sources
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix; its message is meant to be printed as is."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class DataConfig(_Section):
+    source: str = Field("builtin:digits", description="dataset: " + ", ".join(sources.SOURCES))
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="held-out fraction for evaluation")
+    split_seed: int = Field(0, description="seed of the fixed held-out split")
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        sources.check_source(value)
+        return value
+
+
+class ModelConfig(_Section):
+    width: int = Field(32, ge=4, description="channels of the first conv layer (doubled twice)")
+    embed_dim: int = Field(128, ge=2, description="representation size (encoder output)")
+    proj_hidden: int = Field(256, ge=2, description="hidden units of the MLP projector")
+    proj_dim: int = Field(64, ge=2, description="output size of the projector (loss space)")
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(20, ge=1, description="passes over the training split")
+    batch_size: int = Field(128, ge=2, description="global batch size (all workers together)")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (gloo DDP on CPU)")
+    cpus_per_worker: Optional[float] = Field(
+        None, gt=0, description="logical CPUs per worker; default: what is left after the embed pool, at most 1")
+    use_gpu: bool = Field(False, description="one GPU per worker (NCCL)")
+    lr: float = Field(2e-3, gt=0, description="base learning rate for the global batch (AdamW)")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
+    warmup_epochs: float = Field(1.0, ge=0, description="linear learning-rate warm-up, then cosine decay")
+    seed: int = Field(0, description="seed of the model, the augmentations and the batch plans")
+    log_every_steps: int = Field(5, ge=1, description="MLflow/progress logging period in steps")
+    max_failures: int = Field(1, ge=0, description="worker-group restarts Ray Train may attempt")
+
+
+class LossConfig(_Section):
+    name: Literal["infonce"] = Field("infonce", description="contrastive loss")
+    temperature: float = Field(0.2, gt=0, description="softmax temperature")
+
+
+class SamplerConfig(_Section):
+    name: Literal["rwr", "uniform", "knn"] = Field("rwr", description="how batches are drawn")
+    k: int = Field(10, ge=1, description="out-degree of the proximity graph")
+    m: int = Field(200, ge=2, description="uniformly drawn neighbour candidates per node")
+    restart_prob: float = Field(0.2, description="random-walk restart probability, in [0, 1)")
+    restart_decay: bool = Field(False, description="BatchSampler's per-epoch restart decay to 0.05")
+    warmup_epochs: int = Field(0, ge=0, description="epochs of uniform batches before the graph is used")
+    prefetch: int = Field(4, ge=1, description="plans each worker keeps requested ahead")
+
+    @field_validator("restart_prob")
+    @classmethod
+    def _restart_in_range(cls, value: float) -> float:
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"must be in [0, 1) (a restart adds no node, so 1 never ends), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _k_below_m(self) -> "SamplerConfig":
+        if self.k >= self.m:
+            raise ValueError(f"sampler.k = {self.k} must be smaller than sampler.m = {self.m}")
+        return self
+
+
+class RefreshConfig(_Section):
+    every_epochs: int = Field(5, ge=0, description="rebuild the graph every N epochs (0: never)")
+    mode: Literal["async", "sync"] = Field(
+        "async", description="async: keep training on the old graph; sync: wait at the epoch boundary")
+    pool_size: int = Field(1, ge=1, description="embedding actors in the Ray Data pool")
+    num_cpus: float = Field(0.25, ge=0, description="logical CPUs per embedding actor")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per embedding actor")
+    batch_size: int = Field(512, ge=1, description="rows per map_batches call")
+
+
+class EvalConfig(_Section):
+    knn_k: int = Field(20, ge=1, description="neighbours in the kNN monitor")
+    knn_temperature: float = Field(0.07, gt=0, description="vote weight exp(similarity / T)")
+
+
+class TrackingConfig(_Section):
+    uri: Optional[str] = Field(
+        None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db")
+    experiment: str = Field("hardbatch", min_length=1, description="MLflow experiment name")
+    run_name: Optional[str] = Field(None, description="MLflow run name (default: generated)")
+
+
+class RayConfig(_Section):
+    num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of a local Ray (default: this machine's)")
+    object_store_mb: int = Field(512, ge=64, description="object store of a local Ray, MiB")
+
+
+class StorageConfig(_Section):
+    path: str = Field("hardbatch_results", description="checkpoints and graph versions (relative: to cwd)")
+
+
+class Config(_Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    loss: LossConfig = LossConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    refresh: RefreshConfig = RefreshConfig()
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    ray: RayConfig = RayConfig()
+    storage: StorageConfig = StorageConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        if self.train.batch_size % self.train.num_workers:
+            raise ValueError(
+                f"train.batch_size = {self.train.batch_size} must be a multiple of "
+                f"train.num_workers = {self.train.num_workers} (each rank takes an equal slice)")
+        if self.train.batch_size // self.train.num_workers < 2:
+            raise ValueError(
+                f"train.batch_size = {self.train.batch_size} gives fewer than 2 samples per worker "
+                f"with train.num_workers = {self.train.num_workers}")
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """Every leaf as ``{"section.key": value}``: the form logged as MLflow params."""
+        return _flatten(self.model_dump())
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# loading, overrides and errors
+
+
+def valid_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """All dotted leaf keys of a config model, e.g. ``train.batch_size``."""
+    keys = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(valid_keys(annotation, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b=c"`` -> (["a", "b"], value), the value parsed as a YAML scalar (so 3 is an int)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected key=value, for example --set train.epochs=3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply ``key=value`` overrides and validate.
+
+    Raises:
+        ConfigError: a missing or unreadable file, an unknown key, or a value that fails validation.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file not found: {str(path)!r}")
+        try:
+            loaded = yaml.safe_load(file.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for part in keys[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {'.'.join(keys[:-1])} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return validate(raw)
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    """Validate a nested mapping into a frozen :class:`Config`, turning errors into one clear line."""
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, raw)) from None
+    _check_dataset_bounds(config)
+    if not os.environ.get("RAY_ADDRESS"):  # a remote cluster is checked once connected
+        check_resources(config, local_cpus(config))
+    return config
+
+
+def local_cpus(config: Config) -> int:
+    """CPUs a local Ray started by this job will have."""
+    return config.ray.num_cpus or os.cpu_count() or 1
+
+
+def check_resources(config: Config, cpus: float) -> None:
+    """Train workers plus the embedding pool must fit in ``cpus`` logical CPUs (no deadlock)."""
+    workers = config.train.num_workers
+    if workers > cpus:
+        raise ConfigError(
+            f"train.num_workers = {workers} exceeds the {cpus:g} CPUs Ray will have "
+            f"(set ray.num_cpus, or use at most {int(cpus)} workers)")
+    reserved = config.refresh.pool_size * config.refresh.num_cpus
+    per_worker = config.train.cpus_per_worker
+    if per_worker is not None and workers * per_worker + reserved > cpus:
+        raise ConfigError(
+            f"train.cpus_per_worker = {per_worker:g} x {workers} workers plus the embedding pool "
+            f"({reserved:g} CPUs) exceeds the {cpus:g} CPUs Ray will have")
+    if per_worker is None and (cpus - reserved) / workers <= 0:
+        raise ConfigError(
+            f"refresh.pool_size x refresh.num_cpus = {reserved:g} leaves no CPU for "
+            f"{workers} train workers out of {cpus:g}")
+
+
+def cpus_per_worker(config: Config, cpus: float) -> float:
+    """Logical CPUs each train worker asks for: the configured value, else the share left after
+    reserving the embedding pool, at most 1."""
+    if config.train.cpus_per_worker is not None:
+        return config.train.cpus_per_worker
+    reserved = config.refresh.pool_size * config.refresh.num_cpus
+    return round(min(1.0, (cpus - reserved) / config.train.num_workers), 4)
+
+
+def _check_dataset_bounds(config: Config) -> None:
+    size = sources.train_size(config.data.source, config.data.test_fraction)
+    if size is None:
+        return
+    if config.sampler.k >= size:
+        raise ConfigError(
+            f"sampler.k = {config.sampler.k} must be smaller than the training split of "
+            f"{config.data.source} ({size} samples)")
+    if config.train.batch_size > size:
+        raise ConfigError(
+            f"train.batch_size = {config.train.batch_size} exceeds the training split of "
+            f"{config.data.source} ({size} samples)")
+
+
+def _describe(err: ValidationError, raw: dict[str, Any]) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(part) for part in first["loc"])
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        close = difflib.get_close_matches(loc, valid_keys(), n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid_keys())}"
+        return f"unknown config key {loc!r}{hint}"
+    message = first["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, "):]
+    if kind == "literal_error":
+        message = "must be one of " + message.removeprefix("Input should be ")
+    if not loc or isinstance(first.get("input"), dict):  # cross-field checks name their fields
+        return message
+    value = first.get("input", _lookup(raw, first["loc"]))
+    return f"{loc} = {value!r}: {message}"
+
+
+def _lookup(raw: Any, loc: tuple) -> Any:
+    for part in loc:
+        if not isinstance(raw, dict) or part not in raw:
+            return None
+        raw = raw[part]
+    return raw
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -1,0 +1,88 @@
+"""The GraphRefresher actor: checkpoint -> embeddings -> proximity graph -> sampler swap.
+
+A refresh takes the directory of a reported checkpoint, re-embeds the whole training split on a Ray
+Data actor pool (:mod:`pipelines.embed`), builds a new proximity graph with faiss
+(:mod:`samplers.graph`), persists it as an immutable version under the run's storage path, and swaps it
+into the sampler actor. The caller decides the activation: an explicit step (sync refresh at an epoch
+boundary) or the first step not yet served (async, the default), see :mod:`samplers.actor`.
+
+Cost per refresh: one forward pass over N samples plus the graph build, O(N * m * d) for m candidates
+per node; persisted bytes per version: N * (4 k + 8 k + 4 d).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import ray
+
+from pipelines.datasets import SampleStore
+from pipelines.embed import embed_store_x
+from samplers.graph import build_proximity_graph
+
+
+def graph_path(graph_dir: str | Path, version: int) -> Path:
+    return Path(graph_dir, f"v{version:04d}.npz")
+
+
+def neighbour_overlap(old: np.ndarray, new: np.ndarray) -> float:
+    """Mean fraction of each node's neighbours kept between two graphs. O(N k log k)."""
+    k = old.shape[1]
+    both = np.concatenate([np.sort(old, axis=1), np.sort(new, axis=1)], axis=1)
+    both.sort(axis=1)
+    shared = (both[:, 1:] == both[:, :-1]).sum(axis=1)
+    return float(shared.mean() / k)
+
+
+class _Refresher:
+    def __init__(self, store: SampleStore, model_cfg: dict[str, Any], sampler_cfg: dict[str, Any],
+                 refresh_cfg: dict[str, Any], graph_dir: str, sampler, seed: int):
+        self.store = store
+        self.model_cfg = model_cfg
+        self.sampler_cfg = sampler_cfg
+        self.refresh_cfg = refresh_cfg
+        self.graph_dir = Path(graph_dir)
+        self.graph_dir.mkdir(parents=True, exist_ok=True)
+        self.sampler = sampler
+        self.seed = seed
+        self._last: Optional[tuple[np.ndarray, np.ndarray]] = None  # embeddings, neighbours
+
+    def next_version(self) -> int:
+        existing = sorted(self.graph_dir.glob("v*.npz"))
+        return int(existing[-1].stem[1:]) + 1 if existing else 0
+
+    def refresh(self, checkpoint_dir: str, activate_step: Optional[int] = None, not_before: int = 0) -> dict:
+        """Build and activate a new graph version from ``checkpoint_dir``; returns what happened."""
+        t0 = time.perf_counter()
+        x = self.store.column("x")
+        emb = embed_store_x(x, checkpoint_dir, self.model_cfg, pool_size=self.refresh_cfg["pool_size"],
+                            num_cpus=self.refresh_cfg["num_cpus"], num_gpus=self.refresh_cfg["num_gpus"],
+                            batch_size=self.refresh_cfg["batch_size"])
+        t1 = time.perf_counter()
+        version = self.next_version()
+        graph = build_proximity_graph(emb, k=self.sampler_cfg["k"], m=self.sampler_cfg["m"],
+                                      seed=self.seed + version)
+        t2 = time.perf_counter()
+        path = graph_path(self.graph_dir, version)
+        graph.save(path)
+        np.save(self.graph_dir / f"v{version:04d}_embeddings.npy", emb)
+        step = ray.get(self.sampler.swap_graph.remote(str(path), version, activate_step, not_before))
+        info: dict[str, Any] = {
+            "version": version, "activate_step": step, "checkpoint": str(checkpoint_dir),
+            "embed_seconds": t1 - t0, "graph_seconds": t2 - t1,
+            "stats": {k: float(v) for k, v in graph.stats().items()},
+        }
+        if self._last is not None:
+            old_emb, old_nbrs = self._last
+            info["drift"] = float((old_emb * emb).sum(axis=1).mean())
+            info["neighbour_overlap"] = neighbour_overlap(old_nbrs, graph.neighbors)
+        self._last = (emb, np.asarray(graph.neighbors))
+        return info
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class GraphRefresher(_Refresher):
+    """Ray actor around the refresh procedure above (num_cpus=0: its pool actors hold the CPUs)."""

@@ -1,0 +1,192 @@
+"""``hardbatch run``: the driver of one training job.
+
+    hardbatch run configs/digits.yaml --set train.epochs=5
+
+Order of events (everything that can be wrong with the config fails before Ray starts):
+  1. validate the config (:mod:`pipelines.config`);
+  2. start a local Ray on 127.0.0.1, or connect where ``RAY_ADDRESS`` is set;
+  3. create the MLflow run: the whole resolved config and derived values as params, the config file
+     as an artifact;
+  4. read the source through Ray Data into train/held-out SampleStores;
+  5. start the sampler actor and the graph refresher; build graph version 0 from the initial weights;
+  6. train with ``TorchTrainer`` (Train V2); rank 0 logs to the same MLflow run;
+  7. close the run and print its id and the command that opens the MLflow UI.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from pipelines.config import Config, check_resources, cpus_per_worker, local_cpus
+from trainers.tracking import artifact_root_for, resolve_tracking_uri
+
+NAMESPACE = "hardbatch"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_id: str
+    tracking_uri: str
+    run_dir: Path
+    metrics: dict[str, Any]
+
+
+def init_ray(config: Config) -> None:
+    """Connect to ``RAY_ADDRESS`` when set, else start a private local Ray bound to 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(namespace=NAMESPACE, log_to_driver=True)
+    else:
+        ray.init(address="local", namespace=NAMESPACE, num_cpus=local_cpus(config),
+                 object_store_memory=config.ray.object_store_mb * 1024 * 1024,
+                 include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
+
+
+def derive(config: Config, cluster_cpus: float, train_size: int) -> dict[str, Any]:
+    """Quantities computed once on the driver and logged beside the config."""
+    world = config.train.num_workers
+    return {
+        "derived.per_worker_batch": config.train.batch_size // world,
+        "derived.steps_per_epoch": train_size // config.train.batch_size,
+        "derived.cpus_per_worker": cpus_per_worker(config, cluster_cpus),
+        "derived.cluster_cpus": cluster_cpus,
+        "derived.train_size": train_size,
+    }
+
+
+def _start_mlflow_run(config: Config, uri: str, run_name: str, config_path: Optional[str]):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    if experiment is None:
+        experiment_id = client.create_experiment(config.tracking.experiment,
+                                                 artifact_location=artifact_root_for(uri))
+    else:
+        experiment_id = experiment.experiment_id
+    run = client.create_run(experiment_id, run_name=run_name,
+                            tags={"hardbatch.loss": config.loss.name, "hardbatch.sampler": config.sampler.name,
+                                  "hardbatch.source": config.data.source})
+    return client, run.info.run_id
+
+
+def run(config: Config, config_path: Optional[str] = None) -> RunResult:
+    """Run one job end to end; see the module docstring."""
+    import numpy as np
+    import ray
+    import torch
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.datasets import build_splits
+    from pipelines.refresh import GraphRefresher
+    from samplers.actor import start_sampler
+    from trainers.loop import train_loop_per_worker
+    from trainers.models import build_model, save_weights
+    from trainers.tracking import RunTracker
+
+    uri = resolve_tracking_uri(config.tracking.uri)
+    run_name = config.tracking.run_name or (
+        f"{config.loss.name}-{config.sampler.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = Path(config.storage.path).resolve() / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    init_ray(config)
+    cluster_cpus = float(ray.cluster_resources().get("CPU", 0))
+    check_resources(config, cluster_cpus)
+
+    client, run_id = _start_mlflow_run(config, uri, run_name, config_path)
+    tracker = RunTracker(uri, run_id, str(run_dir / "metrics.jsonl"))
+    status, actors = "FAILED", []
+    try:
+        t_start = time.perf_counter()
+        splits = build_splits(config.data.source, config.data.test_fraction, config.data.split_seed)
+        derived = derive(config, cluster_cpus, splits.train.size)
+        spe = derived["derived.steps_per_epoch"]
+        tracker.log_params({**config.flat(), **derived})
+        with tempfile.TemporaryDirectory() as tmp:
+            resolved = Path(tmp, "config.resolved.yaml")
+            resolved.write_text(config.to_yaml())
+            tracker.log_artifact(str(resolved), "config")
+            if config_path:
+                tracker.log_artifact(str(config_path), "config")
+        _print(f"run {run_name}: {splits.train.size} training / {splits.test.size} held-out samples, "
+               f"{spe} steps per epoch, {config.train.num_workers} workers x {derived['derived.per_worker_batch']}")
+
+        # (5) sampler actor and graph version 0, built from the same initial weights the workers use.
+        use_graph = config.sampler.name != "uniform"
+        planner_kwargs = dict(num_nodes=splits.train.size, global_batch=config.train.batch_size,
+                              world_size=config.train.num_workers, seed=config.train.seed,
+                              strategy=config.sampler.name, restart_prob=config.sampler.restart_prob,
+                              warmup_epochs=config.sampler.warmup_epochs,
+                              restart_decay=config.sampler.restart_decay)
+        sampler_name = f"sampler-{run_id}"
+        sampler = start_sampler(sampler_name, planner_kwargs, str(run_dir / "sampler_state.json"))
+        actors.append(sampler)
+        refresher_name = None
+        if use_graph:
+            refresher_name = f"refresher-{run_id}"
+            refresher = GraphRefresher.options(name=refresher_name).remote(
+                splits.train, config.model.model_dump(), config.sampler.model_dump(),
+                config.refresh.model_dump(), str(run_dir / "graphs"), sampler, config.train.seed)
+            actors.append(refresher)
+            init_dir = run_dir / "init"
+            init_dir.mkdir(exist_ok=True)
+            torch.manual_seed(config.train.seed)
+            in_channels = int(splits.train.take(np.array([0])).shape[1])
+            save_weights(build_model(config.model.model_dump(), in_channels), init_dir / "model.pt")
+            info = ray.get(refresher.refresh.remote(str(init_dir), 0))
+            tracker.log_metrics({"refresh/embed_seconds": info["embed_seconds"],
+                                 "refresh/graph_seconds": info["graph_seconds"], "graph/version": 0,
+                                 **{f"graph/{k}": v for k, v in info["stats"].items()}}, step=0)
+            _print(f"graph v0: {info['embed_seconds']:.1f} s embedding, {info['graph_seconds']:.2f} s build")
+
+        # (6) train.
+        loop_cfg = {
+            "config": config.model_dump(), "steps_per_epoch": spe,
+            "train_store": splits.train, "test_store": splits.test,
+            "sampler_name": sampler_name, "refresher_name": refresher_name,
+            "tracking_uri": uri, "run_id": run_id, "metrics_path": str(run_dir / "metrics.jsonl"),
+            "checkpoint_root": str(run_dir / "train"), "eval": config.eval.model_dump(),
+            "loss_kwargs": {"temperature": config.loss.temperature},
+        }
+        trainer = TorchTrainer(
+            train_loop_per_worker, train_loop_config=loop_cfg,
+            scaling_config=ScalingConfig(num_workers=config.train.num_workers, use_gpu=config.train.use_gpu,
+                                         resources_per_worker={"CPU": derived["derived.cpus_per_worker"]}),
+            run_config=RunConfig(name="train", storage_path=str(run_dir),
+                                 failure_config=FailureConfig(max_failures=config.train.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=None)),
+        )
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+        wall = time.perf_counter() - t_start
+        tracker.log_metrics({"run/wall_seconds": wall}, step=config.train.epochs * spe)
+        status = "FINISHED"
+        final = client.get_run(run_id).data.metrics
+    finally:
+        client.set_terminated(run_id, status=status)
+        for actor in actors:  # the run is over; its state is on disk
+            ray.kill(actor, no_restart=True)
+    _print(f"done in {wall:.0f} s: eval/knn_acc {final.get('eval/knn_acc', float('nan')):.4f}")
+    _print(f"MLflow run id: {run_id}")
+    _print(f"open the MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
+    return RunResult(run_id=run_id, tracking_uri=uri, run_dir=run_dir, metrics=final)
+
+
+def _print(message: str) -> None:
+    print(f"[hardbatch] {message}", file=sys.stdout, flush=True)

@@ -1,0 +1,157 @@
+"""The sampler actor and its client: the only Ray-aware part of :mod:`samplers`.
+
+The :class:`~samplers.plans.BatchPlanner` is a pure function of (seed, step, active graph version).
+The actor wraps one planner, serves each rank its row of the global plan, and owns the history of
+graph versions (which version becomes active at which step). That history is written to a small JSON
+file on every change, next to the persisted graph files, so an actor that is killed and restarted
+(``max_restarts=-1``) re-reads it and serves exactly the plans the old one would have served.
+
+Activation rule: a version swapped in with an explicit ``activate_step`` takes effect there (sync
+refresh at an epoch boundary); otherwise it takes effect at the first step no rank has been served yet
+(async refresh), and never before ``not_before``. All ranks therefore see the same version at a step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import ray
+
+from samplers.graph import ProximityGraph
+from samplers.plans import BatchPlanner
+
+
+class _SamplerCore:
+    """Plan serving and version bookkeeping, without Ray (so it is unit-testable)."""
+
+    def __init__(self, planner_kwargs: dict[str, Any], state_path: Optional[str] = None, cache_steps: int = 64):
+        self.planner_kwargs = dict(planner_kwargs)
+        self.planner = BatchPlanner(**planner_kwargs)
+        self.world_size = int(planner_kwargs["world_size"])
+        self.state_path = Path(state_path) if state_path else None
+        self.versions: list[dict[str, Any]] = []
+        self.max_served = -1
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cache_steps = cache_steps
+        self._lock = threading.Lock()
+        if self.state_path and self.state_path.exists():
+            saved = json.loads(self.state_path.read_text())
+            for entry in saved["versions"]:
+                self._activate(entry["path"], entry["version"], entry["activate_step"], persist=False)
+            self.max_served = int(saved.get("max_served", -1))
+
+    # -- serving ---------------------------------------------------------------------------------
+    def plan(self, step: int) -> np.ndarray:
+        """The global plan ``[world_size, batch // world_size]`` of ``step``."""
+        with self._lock:
+            if step not in self._cache:
+                self._cache[step] = self.planner.plan(step)
+                while len(self._cache) > self._cache_steps:
+                    self._cache.popitem(last=False)
+            self.max_served = max(self.max_served, step)
+            return self._cache[step]
+
+    def plan_row(self, rank: int, step: int) -> tuple[np.ndarray, int]:
+        """Rank ``rank``'s ids at ``step`` and the graph version they came from."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank must be in [0, {self.world_size}), got {rank}")
+        return self.plan(step)[rank], self.version_at(step)
+
+    def version_at(self, step: int) -> int:
+        active = [v["version"] for v in self.versions if v["activate_step"] <= step]
+        return active[-1] if active else -1
+
+    # -- graph versions --------------------------------------------------------------------------
+    def swap_graph(self, graph_path: str, version: int, activate_step: Optional[int] = None,
+                   not_before: int = 0) -> int:
+        """Make a persisted graph version active; returns the step from which it is used."""
+        with self._lock:
+            if activate_step is None:
+                activate_step = max(self.max_served + 1, not_before)
+            elif activate_step <= self.max_served:
+                raise ValueError(
+                    f"cannot activate graph version {version} at step {activate_step}: plans up to step "
+                    f"{self.max_served} were already served with the previous version")
+            if self.versions and activate_step < self.versions[-1]["activate_step"]:
+                raise ValueError(f"activate_step {activate_step} precedes the newest version's "
+                                 f"{self.versions[-1]['activate_step']}")
+            self._activate(graph_path, version, activate_step, persist=True)
+            for step in [s for s in self._cache if s >= activate_step]:
+                del self._cache[step]
+            return activate_step
+
+    def _activate(self, graph_path: str, version: int, activate_step: int, persist: bool) -> None:
+        graph = ProximityGraph.load(graph_path)
+        self.planner.set_graph(graph.neighbors, version=version, activate_step=activate_step)
+        self.versions.append({"version": int(version), "activate_step": int(activate_step),
+                              "path": str(graph_path)})
+        if persist:
+            self._persist()
+
+    def _persist(self) -> None:
+        if self.state_path is None:
+            return
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state(), indent=1))
+        os.replace(tmp, self.state_path)
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint stores: the version history and the serving position."""
+        return {"versions": list(self.versions), "max_served": int(self.max_served)}
+
+    def info(self) -> dict[str, Any]:
+        return {**self.state(), "steps_per_epoch": self.planner.steps_per_epoch,
+                "world_size": self.world_size}
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class SamplerActor(_SamplerCore):
+    """Named, restartable Ray actor serving batch plans; see the module docstring.
+
+    Create it with :func:`start_sampler`.
+    """
+
+    def ping(self) -> bool:
+        return True
+
+
+def start_sampler(name: str, planner_kwargs: dict[str, Any], state_path: str, namespace: Optional[str] = None):
+    """Start (or, after a driver restart, reattach to) the named sampler actor."""
+    return SamplerActor.options(name=name, namespace=namespace, get_if_exists=True).remote(
+        planner_kwargs, state_path)
+
+
+class SamplerClient:
+    """A train worker's view of the sampler: its row of each step's plan, requested ahead.
+
+    Keeps up to ``prefetch`` requests in flight so the actor round trip (about 1 ms locally) overlaps
+    the training step. ``get(step, horizon)`` never requests a step at or past ``horizon``: the loop
+    passes the epoch end when a synchronous refresh is due there.
+    """
+
+    def __init__(self, actor, rank: int, prefetch: int = 4):
+        self.actor = actor
+        self.rank = rank
+        self.prefetch = prefetch
+        self._pending: dict[int, "ray.ObjectRef"] = {}
+
+    def get(self, step: int, horizon: Optional[int] = None) -> tuple[np.ndarray, int]:
+        last = step + self.prefetch if horizon is None else min(step + self.prefetch, horizon)
+        for s in range(step, max(last, step + 1)):
+            if s not in self._pending:
+                self._pending[s] = self.actor.plan_row.remote(self.rank, s)
+        for stale in [s for s in self._pending if s < step]:
+            del self._pending[stale]
+        ids, version = ray.get(self._pending.pop(step))
+        return ids, version
+
+    def reset(self) -> None:
+        """Forget requests in flight (their answers may predate a graph swap)."""
+        self._pending.clear()

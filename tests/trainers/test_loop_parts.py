@@ -1,0 +1,77 @@
+"""Pieces of the worker loop that need no Ray: schedule, refresh timing, views, model, kNN."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from trainers.augment import digits_augment, two_views
+from trainers.evaluate import embed, knn_accuracy
+from trainers.loop import lr_at, refresh_due
+from trainers.models import SiameseNet, build_model, load_weights, save_weights
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_at(0.0, 1.0, 2.0, 10.0) == 0.0
+    assert lr_at(1.0, 1.0, 2.0, 10.0) == pytest.approx(0.5)
+    assert lr_at(2.0, 1.0, 2.0, 10.0) == pytest.approx(1.0)
+    assert lr_at(6.0, 1.0, 2.0, 10.0) == pytest.approx(0.5)  # half-way through the cosine
+    assert lr_at(10.0, 1.0, 2.0, 10.0) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(3.0, 1.0, 0.0, 10.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.3)))
+
+
+def test_refresh_never_after_last_epoch():
+    assert [e for e in range(10) if refresh_due(e, 3, 10)] == [2, 5, 8]
+    assert [e for e in range(6) if refresh_due(e, 3, 6)] == [2]
+    assert not any(refresh_due(e, 0, 10) for e in range(10))
+
+
+def test_two_views_differ_per_sample_and_keep_shape():
+    torch.manual_seed(0)
+    x = torch.rand(16, 1, 8, 8)
+    a, b = two_views(x, digits_augment(8))
+    assert a.shape == b.shape == x.shape
+    assert not torch.allclose(a, b)
+    # views are drawn per sample: two identical inputs still get different views
+    same = x[:1].repeat(4, 1, 1, 1)
+    va, _ = two_views(same, digits_augment(8))
+    assert not torch.allclose(va[0], va[1])
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+
+
+def test_model_shapes_and_weight_roundtrip(tmp_path):
+    cfg = {"width": 8, "embed_dim": 16, "proj_hidden": 32, "proj_dim": 12}
+    torch.manual_seed(1)
+    model = build_model(cfg, in_channels=1)
+    h, z = model(torch.rand(5, 1, 8, 8))
+    assert h.shape == (5, 16) and z.shape == (5, 12)
+    save_weights(model, tmp_path / "m.pt")
+    other = load_weights(build_model(cfg, in_channels=1), tmp_path / "m.pt")
+    model.eval(), other.eval()
+    x = torch.rand(3, 1, 8, 8)
+    assert torch.equal(model(x)[1], other(x)[1])
+
+
+def test_knn_accuracy_hand_case():
+    train = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]]), dim=1)
+    labels = torch.tensor([0, 0, 1, 1])
+    test = torch.nn.functional.normalize(torch.tensor([[1.0, 0.05], [0.05, 1.0], [0.2, 1.0]]), dim=1)
+    assert knn_accuracy(train, labels, test, torch.tensor([0, 1, 1]), k=2) == 1.0
+    assert knn_accuracy(train, labels, test, torch.tensor([1, 1, 1]), k=2) == pytest.approx(2 / 3)
+    # k = all: the temperature-weighted vote still follows the closest class
+    assert knn_accuracy(train, labels, test, torch.tensor([0, 1, 1]), k=4, temperature=0.05) == 1.0
+
+
+def test_embed_is_normalised_and_in_eval_mode():
+    model = SiameseNet(width=4, embed_dim=6, proj_hidden=8, proj_dim=5)
+    model.train()
+    out = embed(model, np.random.rand(7, 1, 8, 8).astype(np.float32), batch_size=3)
+    assert out.shape == (7, 6)
+    assert torch.allclose(out.norm(dim=1), torch.ones(7), atol=1e-5)
+    assert model.training  # restored
+    # eval mode: the same sample embeds identically whatever batch it is in
+    x = np.random.rand(4, 1, 8, 8).astype(np.float32)
+    assert torch.allclose(embed(model, x, batch_size=4)[:1], embed(model, x[:1]), atol=1e-5)

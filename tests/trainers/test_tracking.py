@@ -1,0 +1,54 @@
+"""Rank-0 MLflow logging against a real sqlite store; failures never raise."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+from mlflow.tracking import MlflowClient
+
+from trainers.tracking import RunTracker, artifact_root_for, resolve_tracking_uri
+
+
+def test_resolve_tracking_uri(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(None, str(tmp_path)) == f"sqlite:///{tmp_path}/mlflow.db"
+    assert resolve_tracking_uri("sqlite:///rel.db", str(tmp_path)) == f"sqlite:///{tmp_path}/rel.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert resolve_tracking_uri(None, str(tmp_path)) == "http://127.0.0.1:5000"
+    assert resolve_tracking_uri("sqlite:////abs/x.db") == "sqlite:////abs/x.db"
+    assert artifact_root_for(f"sqlite:///{tmp_path}/mlflow.db") == (tmp_path / "mlruns").as_uri()
+
+
+def test_tracker_logs_to_sqlite_and_local_file(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("t", artifact_location=artifact_root_for(uri))
+    run_id = client.create_run(exp).info.run_id
+    tracker = RunTracker(uri, run_id, str(tmp_path / "m.jsonl"))
+    tracker.log_metrics({"train/loss": 2.0}, step=1)
+    tracker.log_metrics({"train/loss": 1.5, "nan": float("nan")}, step=2)
+    tracker.log_params({f"p{i}": i for i in range(150)})
+    history = client.get_metric_history(run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, 1.5)]
+    assert client.get_run(run_id).data.params["p149"] == "149"
+    lines = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [line["train/loss"] for line in lines] == [2.0, 1.5] and "nan" not in lines[1]
+
+
+def test_disabled_tracker_does_nothing(tmp_path):
+    tracker = RunTracker("sqlite:///" + str(tmp_path / "x.db"), "nope", str(tmp_path / "m.jsonl"), enabled=False)
+    tracker.log_metrics({"a": 1.0}, step=0)
+    assert not (tmp_path / "m.jsonl").exists() and not (tmp_path / "x.db").exists()
+
+
+def test_unreachable_server_warns_once_and_keeps_local_record(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    tracker = RunTracker("http://127.0.0.1:9", "0" * 32, str(tmp_path / "m.jsonl"), retries=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracker.log_metrics({"a": 1.0}, step=0)
+        tracker.log_metrics({"a": 2.0}, step=1)
+    assert sum("MLflow" in str(w.message) for w in caught) == 1
+    assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 2

@@ -1,0 +1,1 @@
+"""The Ray Train worker loop, models, augmentations, losses, evaluation and tracking."""

@@ -1,0 +1,204 @@
+"""The Ray Train worker loop: graph-sampled batches -> two views -> shared encoder -> contrastive loss.
+
+The driver (:mod:`pipelines.run`) does all the arithmetic and hands this function one plain dict
+(:func:`train_loop_per_worker`'s ``cfg``). Every rank takes exactly ``steps_per_epoch`` steps per
+epoch (``ray.train.report`` is a barrier), each on its own row of the global batch plan served by the
+sampler actor.
+
+Numbered comments mark the Ray steps: (1) prepare, (2) resume, (3) feed, (4) report and checkpoint,
+(5) refresh the graph.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from samplers.actor import SamplerClient
+from trainers.augment import digits_augment, two_views
+from trainers.evaluate import embed, knn_accuracy
+from trainers.losses import LOSSES
+from trainers.models import build_model, load_weights, save_weights, unwrap
+from trainers.tracking import RunTracker
+
+MODEL_FILE = "model.pt"  # the file pipelines.embed loads
+OPTIM_FILE = "optimizer.pt"
+META_FILE = "meta.json"
+
+
+def lr_at(progress_epochs: float, base_lr: float, warmup_epochs: float, total_epochs: float) -> float:
+    """Linear warm-up to ``base_lr``, then cosine decay to 0; a pure function of the fractional epoch."""
+    if warmup_epochs > 0 and progress_epochs < warmup_epochs:
+        return base_lr * progress_epochs / warmup_epochs
+    span = max(total_epochs - warmup_epochs, 1e-8)
+    done = min(max(progress_epochs - warmup_epochs, 0.0) / span, 1.0)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * done))
+
+
+def refresh_due(epoch: int, every_epochs: int, total_epochs: int) -> bool:
+    """Whether a graph refresh follows ``epoch`` (never after the last one)."""
+    return every_epochs > 0 and (epoch + 1) % every_epochs == 0 and epoch + 1 < total_epochs
+
+
+def _mean_across_ranks(value: float) -> float:
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    conf = cfg["config"]
+    train_cfg, sampler_cfg, refresh_cfg = conf["train"], conf["sampler"], conf["refresh"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    spe, epochs = cfg["steps_per_epoch"], train_cfg["epochs"]
+    local_batch = train_cfg["batch_size"] // world
+    train_store, test_store = cfg["train_store"], cfg["test_store"]
+    in_channels = int(train_store.take(np.array([0])).shape[1])
+
+    # (1) prepare: same initial weights everywhere (DDP also broadcasts rank 0's), gloo/NCCL DDP.
+    torch.manual_seed(train_cfg["seed"])
+    model = ray.train.torch.prepare_model(build_model(conf["model"], in_channels))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
+    loss_fn = LOSSES[conf["loss"]["name"]](**cfg["loss_kwargs"])
+    device = ray.train.torch.get_device()
+
+    # (2) resume from the latest reported checkpoint after a worker-group restart.
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            load_weights(model, Path(ckpt_dir, MODEL_FILE))
+            optimizer.load_state_dict(torch.load(Path(ckpt_dir, OPTIM_FILE), weights_only=True))
+            start_epoch = json.loads(Path(ckpt_dir, META_FILE).read_text())["epoch"] + 1
+    torch.manual_seed(train_cfg["seed"] * 7919 + rank * 104729 + start_epoch)  # augmentation stream
+
+    sampler = ray.get_actor(cfg["sampler_name"])
+    client = SamplerClient(sampler, rank, prefetch=sampler_cfg["prefetch"])
+    refresher = ray.get_actor(cfg["refresher_name"]) if cfg.get("refresher_name") else None
+    tracker = RunTracker(cfg["tracking_uri"], cfg["run_id"], cfg["metrics_path"], enabled=rank == 0)
+    augment = digits_augment(int(train_store.take(np.array([0])).shape[-1]))
+    pending_refresh: Optional[ray.ObjectRef] = None
+
+    for epoch in range(start_epoch, epochs):
+        sync_refresh = refresh_cfg["mode"] == "sync" and refresh_due(epoch, refresh_cfg["every_epochs"], epochs)
+        horizon = (epoch + 1) * spe if sync_refresh else None
+        model.train()
+        window_start, window_steps, window_loss, window_wait = time.perf_counter(), 0, 0.0, 0.0
+        for local_step in range(spe):
+            step = epoch * spe + local_step
+            # (3) feed: this rank's row of the global plan, then two augmented views.
+            t_wait = time.perf_counter()
+            ids, version = client.get(step, horizon)
+            x = torch.from_numpy(np.ascontiguousarray(train_store.take(ids)))
+            view_a, view_b = two_views(x, augment)
+            window_wait += time.perf_counter() - t_wait
+
+            lr = lr_at(epoch + local_step / spe, train_cfg["lr"], train_cfg["warmup_epochs"], epochs)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            _, z = model(torch.cat([view_a, view_b]).to(device))
+            z_a, z_b = z.chunk(2)
+            loss = loss_fn(z_a, z_b)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            window_loss += loss.item()
+            window_steps += 1
+
+            if (step + 1) % train_cfg["log_every_steps"] == 0 or local_step == spe - 1:
+                mean_loss = _mean_across_ranks(window_loss / window_steps)
+                elapsed = time.perf_counter() - window_start
+                metrics = {"train/loss": mean_loss, "train/lr": lr, "graph/version": version,
+                           "train/samples_per_s": window_steps * train_cfg["batch_size"] / elapsed,
+                           "train/data_wait_s": window_wait / window_steps, "epoch": epoch}
+                if pending_refresh is not None and ray.wait([pending_refresh], timeout=0)[0]:
+                    metrics.update(_refresh_metrics(ray.get(pending_refresh)))
+                    pending_refresh = None
+                tracker.log_metrics(metrics, step=step + 1)
+                if rank == 0:
+                    print(f"epoch {epoch + 1}/{epochs} step {step + 1}/{epochs * spe} "
+                          f"loss {mean_loss:.4f} samples/s {metrics['train/samples_per_s']:.0f} "
+                          f"graph v{version}", flush=True)
+                window_start, window_steps, window_loss, window_wait = time.perf_counter(), 0, 0.0, 0.0
+
+        # (4) evaluate on rank 0, then report; every rank reports (a barrier), rank 0 attaches the checkpoint.
+        metrics = {"epoch": epoch}
+        if rank == 0:
+            metrics.update(_evaluate(unwrap(model), train_store, test_store, cfg))
+            tracker.log_metrics(metrics, step=(epoch + 1) * spe)
+            print(f"epoch {epoch + 1}/{epochs} eval/knn_acc {metrics['eval/knn_acc']:.4f}", flush=True)
+        ckpt_name = f"epoch_{epoch:04d}"
+        with tempfile.TemporaryDirectory() as tmp:
+            report_ckpt = None
+            if rank == 0:
+                save_weights(model, Path(tmp, MODEL_FILE))
+                torch.save(optimizer.state_dict(), Path(tmp, OPTIM_FILE))
+                sampler_state = ray.get(sampler.state.remote())
+                Path(tmp, META_FILE).write_text(json.dumps(
+                    {"epoch": epoch, "step": (epoch + 1) * spe, "sampler": sampler_state}))
+                report_ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=report_ckpt, checkpoint_dir_name=ckpt_name)
+
+        # (5) refresh: rank 0 hands the persisted checkpoint to the refresher actor.
+        if refresher is not None and refresh_due(epoch, refresh_cfg["every_epochs"], epochs):
+            next_step = (epoch + 1) * spe
+            if rank == 0:
+                persisted = str(Path(cfg["checkpoint_root"], ckpt_name))
+                if sync_refresh:
+                    t0 = time.perf_counter()
+                    info = ray.get(refresher.refresh.remote(persisted, next_step, next_step))
+                    tracker.log_metrics({**_refresh_metrics(info), "refresh/stall_seconds": time.perf_counter() - t0},
+                                        step=next_step)
+                else:
+                    if pending_refresh is not None:  # the previous one is still running: wait for it
+                        t0 = time.perf_counter()
+                        tracker.log_metrics({**_refresh_metrics(ray.get(pending_refresh)),
+                                             "refresh/stall_seconds": time.perf_counter() - t0}, step=next_step)
+                    pending_refresh = refresher.refresh.remote(persisted, None, next_step)
+            if sync_refresh:
+                _barrier()  # nobody asks for the next epoch's plans before the new graph is active
+                client.reset()
+
+    if rank == 0 and pending_refresh is not None:
+        ray.get(pending_refresh)  # let the refresher finish before the driver tears things down
+
+
+def _refresh_metrics(info: dict[str, Any]) -> dict[str, float]:
+    out = {"refresh/embed_seconds": info["embed_seconds"], "refresh/graph_seconds": info["graph_seconds"],
+           "refresh/version": info["version"], "refresh/activate_step": info["activate_step"]}
+    out.update({f"graph/{k}": v for k, v in info["stats"].items()})
+    if "drift" in info:
+        out["refresh/embedding_drift"] = info["drift"]
+        out["refresh/neighbour_overlap"] = info["neighbour_overlap"]
+    return out
+
+
+def _evaluate(model: torch.nn.Module, train_store, test_store, cfg: dict[str, Any]) -> dict[str, float]:
+    """kNN accuracy of the encoder on the held-out split (labels used only here)."""
+    if not (train_store.has_labels and test_store.has_labels):
+        return {}
+    train_feats = embed(model, train_store.column("x"))
+    test_feats = embed(model, test_store.column("x"))
+    acc = knn_accuracy(train_feats, torch.from_numpy(train_store.column("label")), test_feats,
+                       torch.from_numpy(test_store.column("label")), k=cfg["eval"]["knn_k"],
+                       temperature=cfg["eval"]["knn_temperature"])
+    return {"eval/knn_acc": acc}
