@@ -308,3 +308,20 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def reference_table() -> str:
+    """The configuration reference as a markdown table (README "Configuration" is generated from it)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, f"{prefix}{name}.")
+            else:
+                default = field.get_default(call_default_factory=True)
+                rows.append(f"| `{prefix}{name}` | `{default}` | {field.description or ''} |")
+
+    walk(Config, "")
+    return "\n".join(rows)

@@ -57,6 +57,10 @@ class _SamplerCore:
             self.max_served = max(self.max_served, step)
             return self._cache[step]
 
+    def plans(self, start: int, stop: int) -> np.ndarray:
+        """Global plans of steps ``start..stop-1`` stacked ``[S, world_size, b]`` (for statistics)."""
+        return np.stack([self.plan(step) for step in range(start, stop)])
+
     def plan_row(self, rank: int, step: int) -> tuple[np.ndarray, int]:
         """Rank ``rank``'s ids at ``step`` and the graph version they came from."""
         if not 0 <= rank < self.world_size:

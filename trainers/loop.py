@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from samplers.actor import SamplerClient
+from samplers.stats import batch_stats
 from trainers.augment import digits_augment, two_views
 from trainers.evaluate import embed, knn_accuracy
 from trainers.losses import LOSSES
@@ -135,17 +137,20 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                     pending_refresh = None
                 tracker.log_metrics(metrics, step=step + 1)
                 if rank == 0:
-                    print(f"epoch {epoch + 1}/{epochs} step {step + 1}/{epochs * spe} "
-                          f"loss {mean_loss:.4f} samples/s {metrics['train/samples_per_s']:.0f} "
-                          f"graph v{version}", flush=True)
+                    _say(f"epoch {epoch + 1}/{epochs} step {step + 1}/{epochs * spe} loss {mean_loss:.4f} "
+                         f"samples/s {metrics['train/samples_per_s']:.0f} graph v{version}")
                 window_start, window_steps, window_loss, window_wait = time.perf_counter(), 0, 0.0, 0.0
 
         # (4) evaluate on rank 0, then report; every rank reports (a barrier), rank 0 attaches the checkpoint.
         metrics = {"epoch": epoch}
         if rank == 0:
-            metrics.update(_evaluate(unwrap(model), train_store, test_store, cfg))
+            plans = ray.get(sampler.plans.remote(epoch * spe, (epoch + 1) * spe))
+            metrics.update(_evaluate(unwrap(model), train_store, test_store, plans, cfg))
             tracker.log_metrics(metrics, step=(epoch + 1) * spe)
-            print(f"epoch {epoch + 1}/{epochs} eval/knn_acc {metrics['eval/knn_acc']:.4f}", flush=True)
+            _say(f"epoch {epoch + 1}/{epochs} eval/knn_acc {metrics.get('eval/knn_acc', float('nan')):.4f} "
+                 f"sampler/hardness {metrics['sampler/hardness']:.3f}"
+                 + (f" sampler/same_class_rate {metrics['sampler/same_class_rate']:.3f}"
+                    if "sampler/same_class_rate" in metrics else ""))
         ckpt_name = f"epoch_{epoch:04d}"
         with tempfile.TemporaryDirectory() as tmp:
             report_ckpt = None
@@ -192,13 +197,28 @@ def _refresh_metrics(info: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _evaluate(model: torch.nn.Module, train_store, test_store, cfg: dict[str, Any]) -> dict[str, float]:
-    """kNN accuracy of the encoder on the held-out split (labels used only here)."""
+def _say(line: str) -> None:
+    """One progress line on the worker's stdout (Ray forwards it to the driver once; the ``print``
+    that Ray Train patches into workers would emit it twice)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _evaluate(model: torch.nn.Module, train_store, test_store, plans: np.ndarray,
+              cfg: dict[str, Any]) -> dict[str, float]:
+    """Batch statistics of the epoch's plans, and kNN accuracy of the encoder on the held-out split.
+
+    Labels are used only here: the same-class rate of batches and the kNN votes.
+    """
+    projected = embed(model, train_store.column("x"), projected=True).numpy()
+    labels = train_store.column("label") if train_store.has_labels else None
+    stats = batch_stats(plans, projected, labels)
+    out = {f"sampler/{k}": v for k, v in stats.items() if k != "num_batches"}
     if not (train_store.has_labels and test_store.has_labels):
-        return {}
+        return out
     train_feats = embed(model, train_store.column("x"))
     test_feats = embed(model, test_store.column("x"))
     acc = knn_accuracy(train_feats, torch.from_numpy(train_store.column("label")), test_feats,
                        torch.from_numpy(test_store.column("label")), k=cfg["eval"]["knn_k"],
                        temperature=cfg["eval"]["knn_temperature"])
-    return {"eval/knn_acc": acc}
+    return {**out, "eval/knn_acc": acc}

@@ -1,0 +1,137 @@
+"""Ray-aware pieces on one module-scoped local Ray: the store, the embedding pool, the sampler actor."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.datasets import SampleStore, collect_by_id, to_dataset
+from pipelines.embed import embed_store_x
+from pipelines.refresh import GraphRefresher, neighbour_overlap
+from samplers.actor import SamplerClient, start_sampler
+from samplers.graph import build_proximity_graph
+from samplers.plans import BatchPlanner
+from trainers.models import build_model, save_weights
+
+MODEL_CFG = {"width": 8, "embed_dim": 16, "proj_hidden": 32, "proj_dim": 8}
+
+
+@pytest.fixture(scope="module")
+def ray_env(ray_local):
+    return ray_local
+
+
+def test_collect_by_id_restores_order_after_shuffle(ray_env):
+    x = np.random.default_rng(0).random((300, 1, 4, 4)).astype(np.float32)
+    ds = to_dataset(x, np.arange(300) % 7).random_shuffle(seed=1).materialize()
+    out = collect_by_id(ds, ["x", "label"])
+    assert np.array_equal(out["x"], x) and np.array_equal(out["label"], np.arange(300) % 7)
+
+
+def test_store_travels_by_reference_to_tasks(ray_env):
+    x = np.arange(40, dtype=np.float32).reshape(20, 2)
+    store = SampleStore.from_arrays(x=x, label=np.arange(20))
+
+    @ray_env.remote(num_cpus=0)
+    def take(s, ids):
+        return s.take(ids), s.take(ids, "label")
+
+    got_x, got_y = ray_env.get(take.remote(store, np.array([19, 3, 3])))
+    assert np.array_equal(got_x, x[[19, 3, 3]]) and np.array_equal(got_y, [19, 3, 3])
+
+
+def test_embedding_pool_matches_direct_forward_pass(ray_env, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(MODEL_CFG, in_channels=1)
+    save_weights(model, tmp_path / "model.pt")
+    x = np.random.default_rng(1).random((700, 1, 8, 8)).astype(np.float32)
+    emb = embed_store_x(x, str(tmp_path), MODEL_CFG, pool_size=2, num_cpus=0.25, batch_size=128)
+    model.eval()
+    with torch.no_grad():
+        direct = torch.nn.functional.normalize(model(torch.from_numpy(x))[1], dim=1).numpy()
+    assert emb.shape == (700, 8)
+    np.testing.assert_allclose(emb, direct, atol=1e-5)
+
+
+def _graph_file(tmp_path, emb, k, m, seed, name):
+    path = tmp_path / name
+    build_proximity_graph(emb, k=k, m=m, seed=seed).save(path)
+    return str(path)
+
+
+def test_sampler_actor_rows_and_restart_replay(ray_env, tmp_path):
+    n, batch, world = 400, 32, 2
+    emb = np.random.default_rng(2).normal(size=(n, 8)).astype(np.float32)
+    kwargs = dict(num_nodes=n, global_batch=batch, world_size=world, seed=5, strategy="rwr", restart_prob=0.3)
+    state = tmp_path / "state.json"
+    actor = start_sampler("sampler-replay", kwargs, str(state))
+    v0 = _graph_file(tmp_path, emb, 5, 50, 0, "v0.npz")
+    v1 = _graph_file(tmp_path, emb, 5, 50, 1, "v1.npz")
+    assert ray_env.get(actor.swap_graph.remote(v0, 0, 0)) == 0
+    client0, client1 = SamplerClient(actor, 0, prefetch=3), SamplerClient(actor, 1, prefetch=3)
+    before = {}
+    for step in range(6):
+        row0, ver0 = client0.get(step)
+        row1, ver1 = client1.get(step)
+        assert ver0 == ver1 == 0
+        assert len(np.intersect1d(row0, row1)) == 0  # ranks train on disjoint rows
+        np.testing.assert_array_equal(np.concatenate([row0, row1]), ray_env.get(actor.plan.remote(step)).ravel())
+        before[step] = (row0, row1)
+    # async swap: activates at the first step nobody has been served yet (prefetch included)
+    served = ray_env.get(actor.state.remote())["max_served"]
+    assert served >= 5
+    activate = ray_env.get(actor.swap_graph.remote(v1, 1, None, 0))
+    assert activate == served + 1
+    with pytest.raises(Exception, match="already served"):
+        ray_env.get(actor.swap_graph.remote(v1, 2, 3))
+    expected = {step: ray_env.get(actor.plan.remote(step)) for step in range(activate + 4)}
+
+    ray_env.kill(actor, no_restart=False)  # the actor dies; Ray restarts it from its state file
+    time.sleep(1.0)
+    for step in range(activate + 4):
+        again = ray_env.get(actor.plan.remote(step))
+        np.testing.assert_array_equal(again, expected[step])
+    assert ray_env.get(actor.version_at.remote(activate)) == 1
+    assert ray_env.get(actor.version_at.remote(activate - 1)) == 0
+    # the actor serves exactly what a fresh pure planner computes for the same versions
+    planner = BatchPlanner(**kwargs)
+    from samplers.graph import ProximityGraph
+
+    planner.set_graph(ProximityGraph.load(v0).neighbors, version=0, activate_step=0)
+    planner.set_graph(ProximityGraph.load(v1).neighbors, version=1, activate_step=activate)
+    for step in range(activate + 4):
+        np.testing.assert_array_equal(planner.plan(step), expected[step])
+    ray_env.kill(actor, no_restart=True)
+
+
+def test_refresher_builds_persists_and_swaps(ray_env, tmp_path):
+    x = np.random.default_rng(3).random((300, 1, 8, 8)).astype(np.float32)
+    store = SampleStore.from_arrays(x=x)
+    kwargs = dict(num_nodes=300, global_batch=32, world_size=2, seed=0, strategy="rwr", restart_prob=0.2)
+    actor = start_sampler("sampler-refresh", kwargs, str(tmp_path / "state.json"))
+    refresher = GraphRefresher.remote(store, MODEL_CFG, {"k": 5, "m": 40},
+                                      {"pool_size": 1, "num_cpus": 0.25, "num_gpus": 0.0, "batch_size": 128},
+                                      str(tmp_path / "graphs"), actor, 0)
+    for seed, name in ((0, "a"), (1, "b")):
+        torch.manual_seed(seed)
+        (tmp_path / name).mkdir()
+        save_weights(build_model(MODEL_CFG, in_channels=1), tmp_path / name / "model.pt")
+    first = ray_env.get(refresher.refresh.remote(str(tmp_path / "a"), 0))
+    second = ray_env.get(refresher.refresh.remote(str(tmp_path / "b"), None, 10))
+    assert (first["version"], first["activate_step"]) == (0, 0)
+    assert second["version"] == 1 and second["activate_step"] == 10  # not_before holds it back
+    assert (tmp_path / "graphs" / "v0001.npz").exists()
+    assert 0.0 <= second["neighbour_overlap"] < 1.0  # other weights, other neighbours
+    assert -1.0 <= second["drift"] < 0.999
+    assert ray_env.get(actor.version_at.remote(10)) == 1
+    ray_env.kill(refresher, no_restart=True)
+    ray_env.kill(actor, no_restart=True)
+
+
+def test_neighbour_overlap_hand_case():
+    old = np.array([[1, 2, 3], [0, 2, 3]])
+    new = np.array([[3, 2, 1], [4, 5, 0]])
+    assert neighbour_overlap(old, new) == pytest.approx((1.0 + 1 / 3) / 2)
