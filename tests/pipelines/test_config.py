@@ -102,3 +102,13 @@ def test_cli_validate_accepts_good_config_without_starting_ray():
                             "print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY')"],
                            capture_output=True, text=True, timeout=120)
     assert probe.stdout.strip().endswith("NO_RAY")
+
+
+def test_readme_documents_every_key_with_its_default():
+    from pathlib import Path
+
+    from pipelines.config import reference_table
+
+    readme = Path("README.md").read_text()
+    for row in reference_table().splitlines()[2:]:
+        assert row in readme, f"README configuration table is stale: {row}"
