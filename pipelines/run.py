@@ -65,7 +65,7 @@ def derive(config: Config, cluster_cpus: float, train_size: int) -> dict[str, An
     }
 
 
-def _start_mlflow_run(config: Config, uri: str, run_name: str, config_path: Optional[str]):
+def _start_mlflow_run(config: Config, uri: str, run_name: str, parent_run_id: Optional[str] = None):
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -77,14 +77,22 @@ def _start_mlflow_run(config: Config, uri: str, run_name: str, config_path: Opti
                                                  artifact_location=artifact_root_for(uri))
     else:
         experiment_id = experiment.experiment_id
-    run = client.create_run(experiment_id, run_name=run_name,
-                            tags={"hardbatch.loss": config.loss.name, "hardbatch.sampler": config.sampler.name,
-                                  "hardbatch.source": config.data.source})
+    tags = {"hardbatch.loss": config.loss.name, "hardbatch.sampler": config.sampler.name,
+            "hardbatch.source": config.data.source}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     return client, run.info.run_id
 
 
-def run(config: Config, config_path: Optional[str] = None) -> RunResult:
-    """Run one job end to end; see the module docstring."""
+def run(config: Config, config_path: Optional[str] = None, parent_run_id: Optional[str] = None) -> RunResult:
+    """Run one job end to end; see the module docstring.
+
+    Args:
+        config: the validated config.
+        config_path: the YAML file it came from (logged as an artifact).
+        parent_run_id: make the MLflow run a child of this run (sweeps).
+    """
     import numpy as np
     import ray
     import torch
@@ -108,7 +116,7 @@ def run(config: Config, config_path: Optional[str] = None) -> RunResult:
     cluster_cpus = float(ray.cluster_resources().get("CPU", 0))
     check_resources(config, cluster_cpus)
 
-    client, run_id = _start_mlflow_run(config, uri, run_name, config_path)
+    client, run_id = _start_mlflow_run(config, uri, run_name, parent_run_id)
     tracker = RunTracker(uri, run_id, str(run_dir / "metrics.jsonl"))
     status, actors = "FAILED", []
     try:
