@@ -93,6 +93,9 @@ class SamplerConfig(_Section):
 
 class RefreshConfig(_Section):
     every_epochs: int = Field(5, ge=0, description="rebuild the graph every N epochs (0: never)")
+    every_steps: int = Field(0, ge=0, description="rebuild every N steps instead, when > 0")
+    scope: Literal["full", "seen"] = Field(
+        "full", description="re-embed every sample, or only those seen since the last refresh (BatchSampler)")
     mode: Literal["async", "sync"] = Field(
         "async", description="async: keep training on the old graph; sync: wait at the epoch boundary")
     pool_size: int = Field(1, ge=1, description="embedding actors in the Ray Data pool")

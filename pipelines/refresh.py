@@ -12,6 +12,7 @@ per node; persisted bytes per version: N * (4 k + 8 k + 4 d).
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -21,7 +22,7 @@ import ray
 
 from pipelines.datasets import SampleStore
 from pipelines.embed import embed_store_x
-from samplers.graph import build_proximity_graph
+from samplers.graph import ProximityGraph, build_proximity_graph
 
 
 def graph_path(graph_dir: str | Path, version: int) -> Path:
@@ -49,18 +50,43 @@ class _Refresher:
         self.sampler = sampler
         self.seed = seed
         self._last: Optional[tuple[np.ndarray, np.ndarray]] = None  # embeddings, neighbours
+        self.load_latest()
 
     def next_version(self) -> int:
         existing = sorted(self.graph_dir.glob("v*.npz"))
         return int(existing[-1].stem[1:]) + 1 if existing else 0
 
-    def refresh(self, checkpoint_dir: str, activate_step: Optional[int] = None, not_before: int = 0) -> dict:
-        """Build and activate a new graph version from ``checkpoint_dir``; returns what happened."""
+    def refresh(self, checkpoint_dir: str, activate_step: Optional[int] = None, not_before: int = 0,
+                seen_since: int = 0) -> dict:
+        """Build and activate a new graph version from the weights in ``checkpoint_dir``.
+
+        Args:
+            checkpoint_dir: directory holding ``model.pt``.
+            activate_step: the step the version becomes active at; ``None``: the first step not yet
+                served (async).
+            not_before: lower bound of the activation step.
+            seen_since: with ``refresh.scope: seen``, only the ids of the plans of steps
+                ``seen_since .. not_before - 1`` are re-embedded; the other rows keep their previous
+                embedding (BatchSampler's partial update, ALGORITHMS.md 4.2 step 4).
+
+        Returns:
+            What happened: version, activation step, timings, graph statistics, drift and
+            neighbour overlap against the previous version, and the path of the version's manifest.
+        """
         t0 = time.perf_counter()
         x = self.store.column("x")
-        emb = embed_store_x(x, checkpoint_dir, self.model_cfg, pool_size=self.refresh_cfg["pool_size"],
-                            num_cpus=self.refresh_cfg["num_cpus"], num_gpus=self.refresh_cfg["num_gpus"],
-                            batch_size=self.refresh_cfg["batch_size"])
+        ids = None
+        if self.refresh_cfg.get("scope", "full") == "seen" and self._last is not None and not_before > seen_since:
+            plans = ray.get(self.sampler.plans.remote(seen_since, not_before))
+            ids = np.unique(plans)
+        fresh = embed_store_x(x if ids is None else x[ids], checkpoint_dir, self.model_cfg,
+                              pool_size=self.refresh_cfg["pool_size"], num_cpus=self.refresh_cfg["num_cpus"],
+                              num_gpus=self.refresh_cfg["num_gpus"], batch_size=self.refresh_cfg["batch_size"])
+        if ids is None:
+            emb = fresh
+        else:
+            emb = self._last[0].copy()
+            emb[ids] = fresh
         t1 = time.perf_counter()
         version = self.next_version()
         graph = build_proximity_graph(emb, k=self.sampler_cfg["k"], m=self.sampler_cfg["m"],
@@ -73,6 +99,7 @@ class _Refresher:
         info: dict[str, Any] = {
             "version": version, "activate_step": step, "checkpoint": str(checkpoint_dir),
             "embed_seconds": t1 - t0, "graph_seconds": t2 - t1,
+            "embedded_rows": int(len(fresh)), "scope": "seen" if ids is not None else "full",
             "stats": {k: float(v) for k, v in graph.stats().items()},
         }
         if self._last is not None:
@@ -80,7 +107,23 @@ class _Refresher:
             info["drift"] = float((old_emb * emb).sum(axis=1).mean())
             info["neighbour_overlap"] = neighbour_overlap(old_nbrs, graph.neighbors)
         self._last = (emb, np.asarray(graph.neighbors))
+        manifest = path.with_suffix(".json")
+        manifest.write_text(json.dumps({**info, "graph": str(path), "build": graph.metadata()}, indent=1,
+                                       default=str))
+        info["manifest"] = str(manifest)
         return info
+
+    def load_latest(self) -> Optional[int]:
+        """Re-read the newest persisted version (after a restart), so drift and ``scope: seen``
+        continue from it; returns its number, or ``None`` when there is none."""
+        existing = sorted(self.graph_dir.glob("v*.npz"))
+        if not existing:
+            return None
+        latest = existing[-1]
+        emb_file = latest.with_name(latest.stem + "_embeddings.npy")
+        graph = ProximityGraph.load(latest)
+        self._last = (np.load(emb_file), np.asarray(graph.neighbors))
+        return int(latest.stem[1:])
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)

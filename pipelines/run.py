@@ -15,8 +15,8 @@ Order of events (everything that can be wrong with the config fails before Ray s
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from pipelines.config import Config, check_resources, cpus_per_worker, local_cpus
+from pipelines.config import Config, ConfigError, check_resources, cpus_per_worker, local_cpus
 from trainers.tracking import artifact_root_for, resolve_tracking_uri
 
 NAMESPACE = "hardbatch"
@@ -116,7 +116,21 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
     cluster_cpus = float(ray.cluster_resources().get("CPU", 0))
     check_resources(config, cluster_cpus)
 
-    client, run_id = _start_mlflow_run(config, uri, run_name, parent_run_id)
+    run_file = run_dir / "run.json"
+    resume = run_file.exists()
+    if resume:  # the same run name again: continue the run that crashed
+        run_id = json.loads(run_file.read_text())["run_id"]
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        if client.get_run(run_id).info.status == "FINISHED":
+            raise ConfigError(f"tracking.run_name = {run_name!r}: that run already finished "
+                              f"({run_dir}); choose another run name")
+        client.update_run(run_id, status="RUNNING")
+        _print(f"resuming run {run_name} ({run_id}) from its last checkpoint and graph version")
+    else:
+        client, run_id = _start_mlflow_run(config, uri, run_name, parent_run_id)
+        run_file.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
     tracker = RunTracker(uri, run_id, str(run_dir / "metrics.jsonl"))
     status, actors = "FAILED", []
     try:
@@ -124,7 +138,8 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
         splits = build_splits(config.data.source, config.data.test_fraction, config.data.split_seed)
         derived = derive(config, cluster_cpus, splits.train.size)
         spe = derived["derived.steps_per_epoch"]
-        tracker.log_params({**config.flat(), **derived})
+        if not resume:
+            tracker.log_params({**config.flat(), **derived})
         with tempfile.TemporaryDirectory() as tmp:
             resolved = Path(tmp, "config.resolved.yaml")
             resolved.write_text(config.to_yaml())
@@ -142,25 +157,29 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
                               warmup_epochs=config.sampler.warmup_epochs,
                               restart_decay=config.sampler.restart_decay)
         sampler_name = f"sampler-{run_id}"
-        sampler = start_sampler(sampler_name, planner_kwargs, str(run_dir / "sampler_state.json"))
+        state_file = run_dir / "sampler_state.json"
+        sampler = start_sampler(sampler_name, planner_kwargs, str(state_file))
         actors.append(sampler)
         refresher_name = None
         if use_graph:
+            has_versions = bool(json.loads(state_file.read_text())["versions"]) if state_file.exists() else False
             refresher_name = f"refresher-{run_id}"
             refresher = GraphRefresher.options(name=refresher_name).remote(
                 splits.train, config.model.model_dump(), config.sampler.model_dump(),
                 config.refresh.model_dump(), str(run_dir / "graphs"), sampler, config.train.seed)
             actors.append(refresher)
-            init_dir = run_dir / "init"
-            init_dir.mkdir(exist_ok=True)
-            torch.manual_seed(config.train.seed)
-            in_channels = int(splits.train.take(np.array([0])).shape[1])
-            save_weights(build_model(config.model.model_dump(), in_channels), init_dir / "model.pt")
-            info = ray.get(refresher.refresh.remote(str(init_dir), 0))
-            tracker.log_metrics({"refresh/embed_seconds": info["embed_seconds"],
-                                 "refresh/graph_seconds": info["graph_seconds"], "graph/version": 0,
-                                 **{f"graph/{k}": v for k, v in info["stats"].items()}}, step=0)
-            _print(f"graph v0: {info['embed_seconds']:.1f} s embedding, {info['graph_seconds']:.2f} s build")
+            if not has_versions:  # graph v0 from the initial weights (a resumed run reloads its versions)
+                init_dir = run_dir / "init"
+                init_dir.mkdir(exist_ok=True)
+                torch.manual_seed(config.train.seed)
+                in_channels = int(splits.train.take(np.array([0])).shape[1])
+                save_weights(build_model(config.model.model_dump(), in_channels), init_dir / "model.pt")
+                info = ray.get(refresher.refresh.remote(str(init_dir), 0))
+                tracker.log_metrics({"refresh/embed_seconds": info["embed_seconds"],
+                                     "refresh/graph_seconds": info["graph_seconds"], "graph/version": 0,
+                                     **{f"graph/{k}": v for k, v in info["stats"].items()}}, step=0)
+                tracker.log_artifact(info["manifest"], "graphs")
+                _print(f"graph v0: {info['embed_seconds']:.1f} s embedding, {info['graph_seconds']:.2f} s build")
 
         # (6) train.
         loop_cfg = {
@@ -168,7 +187,7 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
             "train_store": splits.train, "test_store": splits.test,
             "sampler_name": sampler_name, "refresher_name": refresher_name,
             "tracking_uri": uri, "run_id": run_id, "metrics_path": str(run_dir / "metrics.jsonl"),
-            "checkpoint_root": str(run_dir / "train"), "eval": config.eval.model_dump(),
+            "snapshot_root": str(run_dir / "snapshots"), "eval": config.eval.model_dump(),
             "loss_kwargs": {"temperature": config.loss.temperature},
         }
         trainer = TorchTrainer(

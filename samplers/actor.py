@@ -90,6 +90,24 @@ class _SamplerCore:
                 del self._cache[step]
             return activate_step
 
+    def rewind(self, step: int) -> dict[str, Any]:
+        """Forget versions activated after ``step`` and what was served from ``step`` on.
+
+        Called when training resumes from a checkpoint taken at ``step``: the replayed steps then get
+        exactly the plans a run that never crashed would have had from that checkpoint. Dropped
+        versions stay on disk (they are immutable artifacts); new ones get new numbers.
+        """
+        with self._lock:
+            kept = [v for v in self.versions if v["activate_step"] <= step]
+            self.planner = BatchPlanner(**self.planner_kwargs)
+            self.versions = []
+            self._cache.clear()
+            for entry in kept:
+                self._activate(entry["path"], entry["version"], entry["activate_step"], persist=False)
+            self.max_served = step - 1
+            self._persist()
+            return self.state()
+
     def _activate(self, graph_path: str, version: int, activate_step: int, persist: bool) -> None:
         graph = ProximityGraph.load(graph_path)
         self.planner.set_graph(graph.neighbors, version=version, activate_step=activate_step)

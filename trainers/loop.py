@@ -6,7 +6,7 @@ epoch (``ray.train.report`` is a barrier), each on its own row of the global bat
 sampler actor.
 
 Numbered comments mark the Ray steps: (1) prepare, (2) resume, (3) feed, (4) report and checkpoint,
-(5) refresh the graph.
+(5) refresh the graph (at step boundaries; see :class:`_RefreshCaller`).
 """
 
 from __future__ import annotations
@@ -53,6 +53,60 @@ def refresh_due(epoch: int, every_epochs: int, total_epochs: int) -> bool:
     return every_epochs > 0 and (epoch + 1) % every_epochs == 0 and epoch + 1 < total_epochs
 
 
+def refresh_boundaries(every_epochs: int, every_steps: int, steps_per_epoch: int, epochs: int) -> list[int]:
+    """Global steps at which a new graph is requested: after ``every_steps`` steps when set, else
+    after every ``every_epochs`` epochs; never at the very end of training."""
+    total = steps_per_epoch * epochs
+    if every_steps > 0:
+        return list(range(every_steps, total, every_steps))
+    return [(e + 1) * steps_per_epoch for e in range(epochs) if refresh_due(e, every_epochs, epochs)]
+
+
+class _RefreshCaller:
+    """Rank 0's side of the graph refresh: snapshot the weights, call the refresher, track the stall.
+
+    ``sync``: block until the new version is active at the boundary step (the paper's protocol).
+    ``async``: fire the refresh and keep training; the sampler activates the version at the first
+    step not yet served. A refresh still running when the next one is due is waited for, and that
+    wait is the only stall async mode can have.
+    """
+
+    def __init__(self, refresher, mode: str, snapshot_root: str, tracker: RunTracker):
+        self.refresher = refresher
+        self.mode = mode
+        self.snapshot_root = Path(snapshot_root)
+        self.tracker = tracker
+        self.pending: Optional[ray.ObjectRef] = None
+        self.last_boundary = 0
+
+    def trigger(self, model: torch.nn.Module, boundary: int) -> None:
+        snapshot = self.snapshot_root / f"step_{boundary:07d}"
+        snapshot.mkdir(parents=True, exist_ok=True)
+        save_weights(model, snapshot / MODEL_FILE)
+        stall = self.finish(block=True, step=boundary)  # at most one refresh in flight
+        t0 = time.perf_counter()
+        activate = boundary if self.mode == "sync" else None
+        self.pending = self.refresher.refresh.remote(str(snapshot), activate, boundary, self.last_boundary)
+        self.last_boundary = boundary
+        if self.mode == "sync":
+            self.finish(block=True, step=boundary, stall=stall + time.perf_counter() - t0)
+
+    def finish(self, block: bool, step: int, stall: float = 0.0) -> float:
+        """Log a finished refresh (waiting for it when ``block``); returns the seconds waited."""
+        if self.pending is None:
+            return 0.0
+        t0 = time.perf_counter()
+        if not block and not ray.wait([self.pending], timeout=0)[0]:
+            return 0.0
+        info = ray.get(self.pending)
+        waited = time.perf_counter() - t0 if self.mode == "async" else stall
+        self.pending = None
+        self.tracker.log_metrics({**_refresh_metrics(info), "refresh/stall_seconds": waited}, step=step)
+        if info.get("manifest"):
+            self.tracker.log_artifact(info["manifest"], "graphs")
+        return waited
+
+
 def _mean_across_ranks(value: float) -> float:
     if not (dist.is_available() and dist.is_initialized()):
         return value
@@ -94,21 +148,29 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     torch.manual_seed(train_cfg["seed"] * 7919 + rank * 104729 + start_epoch)  # augmentation stream
 
     sampler = ray.get_actor(cfg["sampler_name"])
+    if checkpoint is not None:
+        if rank == 0:  # replay from the checkpoint with the graph versions that were active then
+            ray.get(sampler.rewind.remote(start_epoch * spe))
+        _barrier()
     client = SamplerClient(sampler, rank, prefetch=sampler_cfg["prefetch"])
     refresher = ray.get_actor(cfg["refresher_name"]) if cfg.get("refresher_name") else None
     tracker = RunTracker(cfg["tracking_uri"], cfg["run_id"], cfg["metrics_path"], enabled=rank == 0)
     augment = digits_augment(int(train_store.take(np.array([0])).shape[-1]))
-    pending_refresh: Optional[ray.ObjectRef] = None
+    boundaries = set(refresh_boundaries(refresh_cfg["every_epochs"], refresh_cfg["every_steps"], spe, epochs))
+    if refresher is None:
+        boundaries = set()
+    caller = _RefreshCaller(refresher, refresh_cfg["mode"], cfg["snapshot_root"], tracker) if rank == 0 else None
+    sync = refresh_cfg["mode"] == "sync"
 
     for epoch in range(start_epoch, epochs):
-        sync_refresh = refresh_cfg["mode"] == "sync" and refresh_due(epoch, refresh_cfg["every_epochs"], epochs)
-        horizon = (epoch + 1) * spe if sync_refresh else None
         model.train()
         window_start, window_steps, window_loss, window_wait = time.perf_counter(), 0, 0.0, 0.0
         for local_step in range(spe):
             step = epoch * spe + local_step
             # (3) feed: this rank's row of the global plan, then two augmented views.
             t_wait = time.perf_counter()
+            # in sync mode nobody asks for plans past a refresh boundary before the new graph is active
+            horizon = min((b for b in boundaries if b > step), default=None) if sync else None
             ids, version = client.get(step, horizon)
             x = torch.from_numpy(np.ascontiguousarray(train_store.take(ids)))
             view_a, view_b = two_views(x, augment)
@@ -132,20 +194,28 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 metrics = {"train/loss": mean_loss, "train/lr": lr, "graph/version": version,
                            "train/samples_per_s": window_steps * train_cfg["batch_size"] / elapsed,
                            "train/data_wait_s": window_wait / window_steps, "epoch": epoch}
-                if pending_refresh is not None and ray.wait([pending_refresh], timeout=0)[0]:
-                    metrics.update(_refresh_metrics(ray.get(pending_refresh)))
-                    pending_refresh = None
                 tracker.log_metrics(metrics, step=step + 1)
+                if caller is not None:
+                    caller.finish(block=False, step=step + 1)
                 if rank == 0:
                     _say(f"epoch {epoch + 1}/{epochs} step {step + 1}/{epochs * spe} loss {mean_loss:.4f} "
                          f"samples/s {metrics['train/samples_per_s']:.0f} graph v{version}")
                 window_start, window_steps, window_loss, window_wait = time.perf_counter(), 0, 0.0, 0.0
 
+            # (5) refresh: rank 0 snapshots the weights and asks the refresher for a new graph version.
+            if step + 1 in boundaries:
+                if caller is not None:
+                    caller.trigger(model, step + 1)
+                if sync:
+                    _barrier()  # every rank waits for the new version before its next plan
+                    client.reset()
+
         # (4) evaluate on rank 0, then report; every rank reports (a barrier), rank 0 attaches the checkpoint.
         metrics = {"epoch": epoch}
         if rank == 0:
             plans = ray.get(sampler.plans.remote(epoch * spe, (epoch + 1) * spe))
-            metrics.update(_evaluate(unwrap(model), train_store, test_store, plans, cfg))
+            metrics.update(_evaluate(unwrap(model), train_store, test_store, plans, cfg,
+                                     linear_probe=epoch + 1 == epochs))
             tracker.log_metrics(metrics, step=(epoch + 1) * spe)
             _say(f"epoch {epoch + 1}/{epochs} eval/knn_acc {metrics.get('eval/knn_acc', float('nan')):.4f} "
                  f"sampler/hardness {metrics['sampler/hardness']:.3f}"
@@ -163,28 +233,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 report_ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=report_ckpt, checkpoint_dir_name=ckpt_name)
 
-        # (5) refresh: rank 0 hands the persisted checkpoint to the refresher actor.
-        if refresher is not None and refresh_due(epoch, refresh_cfg["every_epochs"], epochs):
-            next_step = (epoch + 1) * spe
-            if rank == 0:
-                persisted = str(Path(cfg["checkpoint_root"], ckpt_name))
-                if sync_refresh:
-                    t0 = time.perf_counter()
-                    info = ray.get(refresher.refresh.remote(persisted, next_step, next_step))
-                    tracker.log_metrics({**_refresh_metrics(info), "refresh/stall_seconds": time.perf_counter() - t0},
-                                        step=next_step)
-                else:
-                    if pending_refresh is not None:  # the previous one is still running: wait for it
-                        t0 = time.perf_counter()
-                        tracker.log_metrics({**_refresh_metrics(ray.get(pending_refresh)),
-                                             "refresh/stall_seconds": time.perf_counter() - t0}, step=next_step)
-                    pending_refresh = refresher.refresh.remote(persisted, None, next_step)
-            if sync_refresh:
-                _barrier()  # nobody asks for the next epoch's plans before the new graph is active
-                client.reset()
-
-    if rank == 0 and pending_refresh is not None:
-        ray.get(pending_refresh)  # let the refresher finish before the driver tears things down
+    if caller is not None:
+        caller.finish(block=True, step=epochs * spe)  # let a refresh in flight land before teardown
 
 
 def _refresh_metrics(info: dict[str, Any]) -> dict[str, float]:
@@ -205,20 +255,40 @@ def _say(line: str) -> None:
 
 
 def _evaluate(model: torch.nn.Module, train_store, test_store, plans: np.ndarray,
-              cfg: dict[str, Any]) -> dict[str, float]:
-    """Batch statistics of the epoch's plans, and kNN accuracy of the encoder on the held-out split.
+              cfg: dict[str, Any], linear_probe: bool = False) -> dict[str, float]:
+    """Batch statistics of the epoch's plans, and the representation metrics on the held-out split.
 
-    Labels are used only here: the same-class rate of batches and the kNN votes.
+    ``eval/knn_acc`` (k = ``eval.knn_k``) and ``eval/knn_acc_k200`` use the encoder's features,
+    ``eval/alignment`` and ``eval/uniformity`` (Wang and Isola) the loss space (normalised projector
+    outputs) of two fixed augmented views of the held-out samples; with ``linear_probe`` (the last
+    epoch) a logistic regression on frozen encoder features gives ``eval/linear_acc``. Labels are used
+    only here: the same-class rate of batches, the kNN votes and the probe.
     """
+    from trainers.evaluate import alignment, linear_probe_accuracy, uniformity
+
     projected = embed(model, train_store.column("x"), projected=True).numpy()
     labels = train_store.column("label") if train_store.has_labels else None
     stats = batch_stats(plans, projected, labels)
     out = {f"sampler/{k}": v for k, v in stats.items() if k != "num_batches"}
+
+    test_x = test_store.column("x")
+    with torch.random.fork_rng():  # the same views every epoch, the training streams untouched
+        torch.manual_seed(0)
+        view_a, view_b = two_views(torch.from_numpy(np.array(test_x)), digits_augment(int(test_x.shape[-1])))
+    z_a, z_b = embed(model, view_a.numpy(), projected=True), embed(model, view_b.numpy(), projected=True)
+    out["eval/alignment"] = alignment(z_a, z_b)
+    out["eval/uniformity"] = uniformity(embed(model, test_x, projected=True))
     if not (train_store.has_labels and test_store.has_labels):
         return out
-    train_feats = embed(model, train_store.column("x"))
-    test_feats = embed(model, test_store.column("x"))
-    acc = knn_accuracy(train_feats, torch.from_numpy(train_store.column("label")), test_feats,
-                       torch.from_numpy(test_store.column("label")), k=cfg["eval"]["knn_k"],
-                       temperature=cfg["eval"]["knn_temperature"])
-    return {**out, "eval/knn_acc": acc}
+
+    train_feats, test_feats = embed(model, train_store.column("x")), embed(model, test_x)
+    train_labels = torch.from_numpy(train_store.column("label"))
+    test_labels = torch.from_numpy(test_store.column("label"))
+    temperature = cfg["eval"]["knn_temperature"]
+    out["eval/knn_acc"] = knn_accuracy(train_feats, train_labels, test_feats, test_labels,
+                                       k=cfg["eval"]["knn_k"], temperature=temperature)
+    out["eval/knn_acc_k200"] = knn_accuracy(train_feats, train_labels, test_feats, test_labels,
+                                            k=200, temperature=temperature)
+    if linear_probe:
+        out["eval/linear_acc"] = linear_probe_accuracy(train_feats, train_labels, test_feats, test_labels)
+    return out
