@@ -10,6 +10,7 @@ start-up (a few seconds per pass on CPU).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,7 +32,9 @@ class Embedder:
     hardness where the loss feels it.
     """
 
-    def __init__(self, checkpoint_dir: str, model_cfg: dict[str, Any], in_channels: int, device: str = "auto"):
+    def __init__(self, checkpoint_dir: str, model_cfg: dict[str, Any], in_channels: int, device: str = "auto",
+                 crash_once_marker: Optional[str] = None):
+        self.crash_once_marker = crash_once_marker  # fault injection for tests: see __call__
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -41,6 +44,9 @@ class Embedder:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.crash_once_marker and not os.path.exists(self.crash_once_marker):
+            Path(self.crash_once_marker).touch()
+            os._exit(1)  # this actor process dies mid-pass, once per marker file
         x = torch.tensor(batch["x"], device=self.device)  # a copy: Ray Data batches are read-only
         _, z = self.model(x)
         return {ID: batch[ID], "embedding": F.normalize(z, dim=1).float().cpu().numpy()}
@@ -48,7 +54,7 @@ class Embedder:
 
 def embed_store_x(x: np.ndarray, checkpoint_dir: str, model_cfg: dict[str, Any], *, pool_size: int = 1,
                   num_cpus: float = 0.25, num_gpus: float = 0.0, batch_size: int = 512,
-                  output_dir: Optional[str] = None) -> np.ndarray:
+                  output_dir: Optional[str] = None, crash_once_marker: Optional[str] = None) -> np.ndarray:
     """Embeddings ``[N, proj_dim]`` (float32, unit rows, row i = id i) of the samples ``x``.
 
     Args:
@@ -58,13 +64,15 @@ def embed_store_x(x: np.ndarray, checkpoint_dir: str, model_cfg: dict[str, Any],
         pool_size, num_cpus, num_gpus: the actor pool and each actor's resources.
         batch_size: rows per ``map_batches`` call.
         output_dir: if given, the embeddings are also written there as parquet.
+        crash_once_marker: fault injection for tests: the first actor to see a batch while this file
+            does not exist creates it and kills its own process.
     """
     ray.data.DataContext.get_current().enable_progress_bars = False
     ds = to_dataset(x, None, num_blocks=max(pool_size * 2, 2))
     out = ds.map_batches(
         Embedder,
         fn_constructor_kwargs={"checkpoint_dir": str(checkpoint_dir), "model_cfg": model_cfg,
-                               "in_channels": int(x.shape[1])},
+                               "in_channels": int(x.shape[1]), "crash_once_marker": crash_once_marker},
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=pool_size),

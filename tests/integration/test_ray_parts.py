@@ -56,6 +56,22 @@ def test_embedding_pool_matches_direct_forward_pass(ray_env, tmp_path):
     np.testing.assert_allclose(emb, direct, atol=1e-5)
 
 
+def test_embedding_survives_an_actor_killed_mid_pass(ray_env, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(MODEL_CFG, in_channels=1)
+    save_weights(model, tmp_path / "model.pt")
+    x = np.random.default_rng(4).random((500, 1, 8, 8)).astype(np.float32)
+    marker = tmp_path / "crashed"
+    emb = embed_store_x(x, str(tmp_path), MODEL_CFG, pool_size=1, num_cpus=0.25, batch_size=100,
+                        crash_once_marker=str(marker), output_dir=str(tmp_path / "parquet"))
+    assert marker.exists()  # an actor really died during the pass
+    model.eval()
+    with torch.no_grad():
+        direct = torch.nn.functional.normalize(model(torch.from_numpy(x))[1], dim=1).numpy()
+    np.testing.assert_allclose(emb, direct, atol=1e-5)  # complete, in id order, despite the crash
+    assert list((tmp_path / "parquet").glob("*.parquet"))
+
+
 def _graph_file(tmp_path, emb, k, m, seed, name):
     path = tmp_path / name
     build_proximity_graph(emb, k=k, m=m, seed=seed).save(path)
