@@ -1,0 +1,169 @@
+"""MVEB: Stein score estimator (equivariances, collapse, statistics), loss, autograd identity."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from trainers.losses import MVEBLoss, ema_momentum, mveb_loss, mveb_score, normalize, vmf_concentration
+
+
+def np_score(z: np.ndarray, eta: float = 0.01, min_width: float = 0.1) -> np.ndarray:
+    """Stein score with a vMF kernel, from ALGORITHMS.md 5.3."""
+    b = z.shape[0]
+    sim = z @ z.T
+    distances = np.sort((1.0 - sim).ravel())[::-1]
+    width = max(distances[b * b // 2 - 1], min_width)  # the floor(B^2/2)-th largest
+    kappa = 1.0 / width
+    kernel = np.exp(kappa * sim)
+    stein = kappa * kernel.sum(axis=1, keepdims=True) * z
+    return -np.linalg.solve(kernel + eta * np.eye(b), stein)
+
+
+def _unit(seed: int, b: int, d: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return normalize(torch.randn(b, d, dtype=torch.float64, generator=gen))
+
+
+def _vmf_s2(n: int, kappa: float, rng: np.random.Generator) -> np.ndarray:
+    """Exact vMF samples on S^2 around e_3 (inverse CDF of the cosine)."""
+    u = rng.uniform(size=n)
+    w = 1.0 + np.log(u + (1.0 - u) * np.exp(-2.0 * kappa)) / kappa
+    phi = rng.uniform(0.0, 2.0 * np.pi, size=n)
+    r = np.sqrt(np.clip(1.0 - w**2, 0.0, None))
+    return np.stack([r * np.cos(phi), r * np.sin(phi), w], axis=1)
+
+
+def _tangential(s: np.ndarray, z: np.ndarray) -> np.ndarray:
+    return s - (s * z).sum(1, keepdims=True) * z
+
+
+@pytest.mark.parametrize("b,d,eta", [(6, 3, 0.01), (16, 8, 0.1), (9, 4, 1.0)])
+def test_score_matches_numpy(b: int, d: int, eta: float) -> None:
+    z = _unit(b, b, d)
+    assert np.allclose(mveb_score(z, eta).numpy(), np_score(z.numpy(), eta), atol=1e-8, rtol=1e-8)
+
+
+def test_score_float32_is_solved_in_float64() -> None:
+    z = _unit(1, 32, 6)
+    s32 = mveb_score(z.float())
+    assert s32.dtype == torch.float32
+    assert torch.allclose(s32.double(), mveb_score(z), rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_width_is_the_clamped_median() -> None:
+    z = _unit(2, 10, 5)
+    distances = np.sort((1 - z.numpy() @ z.numpy().T).ravel())[::-1]
+    assert vmf_concentration(z).item() == pytest.approx(1 / max(distances[49], 0.1))
+    collapsed = torch.tensor([[0.6, 0.8, 0.0]] * 4, dtype=torch.float64)
+    assert vmf_concentration(collapsed).item() == pytest.approx(10.0)
+    assert vmf_concentration(collapsed, min_width=0.5).item() == pytest.approx(2.0)
+
+
+def test_rotation_and_permutation_equivariance() -> None:
+    z = _unit(3, 12, 5)
+    gen = torch.Generator().manual_seed(3)
+    q, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64, generator=gen))
+    perm = torch.randperm(12, generator=gen)
+    s = mveb_score(z)
+    assert torch.allclose(mveb_score(z @ q.T), s @ q.T, atol=1e-9)
+    assert torch.allclose(mveb_score(z[perm]), s[perm], atol=1e-9)
+
+
+def test_collapse_is_radial() -> None:
+    z = torch.tensor([[0.6, 0.8, 0.0]] * 8, dtype=torch.float64)
+    s = mveb_score(z)
+    assert torch.allclose(s, -10.0 * z, atol=1e-3)
+    assert torch.allclose(torch.from_numpy(_tangential(s.numpy(), z.numpy())), torch.zeros_like(z), atol=1e-9)
+
+
+def test_large_eta_switches_the_entropy_term_off() -> None:
+    z = _unit(4, 16, 3)
+    s = mveb_score(z, eta=1e6).numpy()
+    assert np.abs(_tangential(s, z.numpy())).max() < 1e-4
+
+
+def test_statistical_vmf_score() -> None:
+    rng = np.random.default_rng(0)
+    mu, kappa0 = np.array([0.0, 0.0, 1.0]), 5.0
+    z = _vmf_s2(1024, kappa0, rng)
+    est = _tangential(mveb_score(torch.from_numpy(z)).numpy(), z)
+    true = kappa0 * (mu[None, :] - (z @ mu)[:, None] * z)
+    cosine = (est * true).sum(1) / (np.linalg.norm(est, axis=1) * np.linalg.norm(true, axis=1))
+    assert np.median(cosine) > 0.9
+    uniform = rng.normal(size=(1024, 3))
+    uniform /= np.linalg.norm(uniform, axis=1, keepdims=True)
+    uniform_norm = np.linalg.norm(_tangential(mveb_score(torch.from_numpy(uniform)).numpy(), uniform), axis=1)
+    assert np.mean(uniform_norm) < 0.5 * np.mean(np.linalg.norm(est, axis=1))
+
+
+def test_autograd_identity() -> None:
+    z = _unit(5, 10, 4).requires_grad_()
+    t = _unit(6, 10, 4)
+    # lam = 1 with the alignment removed: L = -U, so dL/dz = s / B (and U's gradient is -s / B)
+    lam = 1.0
+    loss = mveb_loss([z, z], [t, t], lam) + (z * t).sum(1).mean()
+    loss.backward()
+    s = mveb_score(z.detach())
+    assert torch.allclose(z.grad, 2 * lam * s / (2 * 10), atol=1e-12)
+
+
+@pytest.mark.parametrize("views,lam", [(2, 0.01), (4, 0.5), (3, 0.0)])
+def test_loss_matches_numpy_value_and_hand_gradient(views: int, lam: float) -> None:
+    rng = np.random.default_rng(views)
+    b, d = 8, 5
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    z = unit(rng.normal(size=(views, b, d)))
+    t1, t2 = unit(rng.normal(size=(2, b, d)))
+    partners = [t2, t1] + [(t1 + t2) / 2] * (views - 2)
+    scores = [np_score(z[v]) for v in range(views)]
+    alignment = np.mean([np.mean((z[v] * partners[v]).sum(1)) for v in range(views)])
+    surrogate = np.mean([-np.mean((scores[v] * z[v]).sum(1)) for v in range(views)])
+    online = [torch.tensor(z[v], requires_grad=True) for v in range(views)]
+    loss = mveb_loss(online, [torch.tensor(t1), torch.tensor(t2)], lam)
+    loss.backward()
+    assert loss.item() == pytest.approx(-alignment - lam * surrogate, abs=1e-10)
+    for v in range(views):
+        expected = -partners[v] / (views * b) + lam * scores[v] / (views * b)
+        assert np.allclose(online[v].grad.numpy(), expected, atol=1e-10)
+
+
+def test_lam_zero_is_minus_alignment_and_targets_are_detached() -> None:
+    z1, z2, t1, t2 = (_unit(10 + i, 6, 3) for i in range(4))
+    t1.requires_grad_()
+    loss = mveb_loss([z1, z2], [t1, t2], lam=0.0)
+    alignment = ((z1 * t2).sum(1).mean() + (z2 * t1).sum(1).mean()) / 2
+    assert loss.item() == pytest.approx(-alignment.item(), abs=1e-12)
+    assert not loss.requires_grad
+
+
+def test_module_normalises_and_accepts_target_layouts() -> None:
+    gen = torch.Generator().manual_seed(7)
+    z_a, z_b, t_1, t_2, local = torch.randn(5, 6, 4, dtype=torch.float64, generator=gen)
+    module = MVEBLoss(lam=0.1)
+    expected = mveb_loss(
+        [normalize(z_a), normalize(z_b), normalize(local)], [normalize(t_1), normalize(t_2)], 0.1
+    )
+    assert torch.allclose(module(z_a, z_b, (t_1, t_2), local_views=[local]), expected)
+    assert torch.allclose(module(z_a, z_b, torch.stack([t_1, t_2]), local_views=[local]), expected)
+    self_target = mveb_loss([normalize(z_a), normalize(z_b)], [normalize(z_a), normalize(z_b)], 0.1)
+    assert torch.allclose(module(z_a, z_b), self_target)
+    with pytest.raises(ValueError, match="2 target views"):
+        module(z_a, z_b, (t_1,))
+
+
+def test_ema_momentum_schedule() -> None:
+    assert ema_momentum(0.0) == pytest.approx(0.996)
+    assert ema_momentum(0.5) == pytest.approx(0.998)
+    assert ema_momentum(1.0) == pytest.approx(1.0)
+    values = [ema_momentum(p / 20) for p in range(21)]
+    assert all(a < b for a, b in zip(values, values[1:]))
+    assert ema_momentum(0.25, base=0.99) == pytest.approx(1 - 0.01 * (math.cos(math.pi / 4) + 1) / 2)
+    with pytest.raises(ValueError, match="progress"):
+        ema_momentum(1.5)
