@@ -151,3 +151,28 @@ def test_neighbour_overlap_hand_case():
     old = np.array([[1, 2, 3], [0, 2, 3]])
     new = np.array([[3, 2, 1], [4, 5, 0]])
     assert neighbour_overlap(old, new) == pytest.approx((1.0 + 1 / 3) / 2)
+
+
+def test_refresh_scope_seen_re_embeds_only_rows_of_served_plans(ray_env, tmp_path):
+    x = np.random.default_rng(5).random((400, 1, 8, 8)).astype(np.float32)
+    store = SampleStore.from_arrays(x=x)
+    kwargs = dict(num_nodes=400, global_batch=32, world_size=2, seed=0, strategy="rwr", restart_prob=0.2)
+    actor = start_sampler("sampler-seen", kwargs, str(tmp_path / "state.json"))
+    refresher = GraphRefresher.remote(store, MODEL_CFG, {"k": 5, "m": 40},
+                                      {"pool_size": 1, "num_cpus": 0.25, "num_gpus": 0.0, "batch_size": 128,
+                                       "scope": "seen"}, str(tmp_path / "graphs"), actor, 0)
+    for seed, name in ((0, "a"), (1, "b")):
+        torch.manual_seed(seed)
+        (tmp_path / name).mkdir()
+        save_weights(build_model(MODEL_CFG, in_channels=1), tmp_path / name / "model.pt")
+    first = ray_env.get(refresher.refresh.remote(str(tmp_path / "a"), 0))
+    assert first["scope"] == "full" and first["embedded_rows"] == 400  # nothing to keep yet
+    seen = np.unique(ray_env.get(actor.plans.remote(0, 3)))  # the plans of steps 0..2
+    second = ray_env.get(refresher.refresh.remote(str(tmp_path / "b"), None, 3, 0))
+    assert second["scope"] == "seen" and second["embedded_rows"] == len(seen) < 400
+    old = np.load(tmp_path / "graphs" / "v0000_embeddings.npy")
+    new = np.load(tmp_path / "graphs" / "v0001_embeddings.npy")
+    changed = np.flatnonzero(np.abs(new - old).max(axis=1) > 1e-6)
+    np.testing.assert_array_equal(changed, seen)  # exactly the rows seen since the last refresh
+    ray_env.kill(refresher, no_restart=True)
+    ray_env.kill(actor, no_restart=True)
