@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from samplers import _kernels  # noqa: E402
-from samplers.graph import build_proximity_graph, normalize_rows  # noqa: E402
+from samplers.graph import build_proximity_graph  # noqa: E402
 from samplers.rwr import WALK_GROUP, rwr_batch, walk_key  # noqa: E402
 
 D, K, M = 128, 100, 1000
@@ -87,10 +87,12 @@ def bench_build(sizes: list[int], repeats: int, with_reference: bool) -> list[di
     rows = []
     for n in sizes:
         x = bank(n)
-        cand = x[np.random.default_rng(1).choice(n, M, replace=False)]
-        t_mm = best_of(lambda: x @ cand.T, repeats)
+        cand_t = np.ascontiguousarray(x[np.random.default_rng(1).choice(n, M, replace=False)].T)
+        product = np.empty((n, M), np.float32)  # preallocated: time the product, not page faults
+        t_mm = best_of(lambda: np.matmul(x, cand_t, out=product), repeats)
+        product = None  # free the N x m output before the builds
         last = {}
-        t_pool = best_of(lambda: last.update(graph=build_proximity_graph(x, K, M, seed=0)), 2 if n < 1_000_000 else 1)
+        t_pool = best_of(lambda: last.update(graph=build_proximity_graph(x, K, M, seed=0)), 3 if n < 1_000_000 else 2)
         row = {
             "N": n,
             "matmul_s": t_mm,
@@ -218,18 +220,27 @@ def bench_walks(n: int, batch_sizes: list[int], alpha: float, walks_one: int, st
     return rows
 
 
+def peak_rss_bytes() -> int:
+    """High-water mark of this process's resident memory (VmHWM; unlike ru_maxrss it is not
+    inherited from the parent across fork + exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def build_peak(n: int) -> dict:
     """Child process: peak memory of one build (numpy allocations traced, and process RSS)."""
     x = bank(n)
     build_proximity_graph(bank(4000), K, M, seed=0)  # load the compiled kernels first
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss_before = peak_rss_bytes()
     tracemalloc.start()
     t0 = time.perf_counter()
     graph = build_proximity_graph(x, K, M, seed=0)
     seconds = time.perf_counter() - t0
     _, traced_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss_peak = peak_rss_bytes()
     return {
         "N": n,
         "build_s": seconds,
@@ -304,6 +315,37 @@ def markdown(builds: list[dict], walks: list[dict], memory: dict | None, quick: 
             f"{memory['peak_rss_bytes'] / 2**20:.0f} MiB (before the build: {memory['rss_before_build_bytes'] / 2**20:.0f} MiB). "
             f"Build time in that process: {memory['build_s']:.1f} s.",
         ]
+    lines += ["", "### Against the targets", ""]
+    for r in builds:
+        lines.append(f"* build N = {r['N']:.0e}: {r['pool_over_matmul']:.1f}x the matmul (target <= 3x): "
+                     f"{'met' if r['pool_over_matmul'] <= 3 else 'not met'}.")
+    for r in walks:
+        all_key = next(key for key in r if key.startswith("many_steps_per_s_per_core_") and not key.endswith("_1_thread"))
+        best_many = max(r["many_steps_per_s_per_core_1_thread"], r[all_key])
+        lines.append(
+            f"* walks B = {r['B']}: one walk {r['one_walk_steps_per_s']:.1e} steps/s (target >= 5e6: "
+            f"{'met' if r['one_walk_steps_per_s'] >= 5e6 else 'not met'}); many walks {best_many:.1e} steps/s/core "
+            f"(target >= 2e7: {'met' if best_many >= 2e7 else 'not met'}); speed-up over the Python loop "
+            f"{r['speedup_vs_python']:.0f}x (target >= 10x: {'met' if r['speedup_vs_python'] >= 10 else 'not met'})."
+        )
+    lines += [
+        "",
+        "Baselines: *matmul* is one float32 `np.matmul(x, cand.T, out=...)` into a preallocated output",
+        "(multi-threaded BLAS); *per-node gather* is the",
+        "`backend=\"pernode\"` reference (compiled, independent candidate sets, row-by-row dot products);",
+        "*numpy gather* is fancy-index gathering of [64, m, d] candidate blocks + einsum; *faiss FlatIP kNN* is",
+        "`IndexFlatIP.search(x, k + 1)` over all points (the exact kNN graph, m = N - 1). The walk graph is a",
+        "uniformly random [N, k] int32 table (worst case for caches). Per-core walk rates divide by the numba",
+        "threads used; with other jobs on the box, the 1-thread figure is the cleaner one.",
+        "",
+        "Reading: the pool build's matrix product is 1.5x the baseline's flops; the rest is the per-node",
+        "work (draw the node's own m-subset of its pool, top-k of m = 1000 with k = 100, sorted), about",
+        "5 us of CPU per node against about 1 us per node for the whole baseline product, which is why the",
+        "build stays above 3x a compute-bound matmul. One walk at N = 10^6 is a chain of dependent DRAM",
+        "misses (a random row of a 400 MB table per move, ~130 ns); a Python loop pays the same misses plus",
+        "the interpreter, so the one-walk speed-up is ~4-5x here (it is >= 10x when the table is cache",
+        "resident, e.g. N = 10^5 in --quick); many walks overlap their misses with software prefetches.",
+    ]
     return "\n".join(lines) + "\n"
 
 

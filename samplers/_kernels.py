@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -26,6 +30,26 @@ _S30 = np.uint64(30)
 _S31 = np.uint64(31)
 _S32 = np.uint64(32)
 _EMPTY = np.int64(-1)
+
+
+@intrinsic
+def _prefetch(typingctx, array, row, col):
+    """Hint the CPU to fetch ``array[row, col]`` into cache (LLVM prefetch; no result)."""
+    sig = types.void(array, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        view = context.make_array(array_type)(context, builder, args[0])
+        pointer = cgutils.get_item_pointer(context, builder, array_type, view, [args[1], args[2]])
+        byte_pointer = ir.IntType(8).as_pointer()
+        int32 = ir.IntType(32)
+        fn_type = ir.FunctionType(ir.VoidType(), [byte_pointer, int32, int32, int32])
+        fn = cgutils.get_or_insert_function(builder.module, fn_type, "llvm.prefetch.p0i8")
+        # read access, high temporal locality, data cache
+        builder.call(fn, [builder.bitcast(pointer, byte_pointer), int32(0), int32(3), int32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @nb.njit(inline="always")
@@ -168,9 +192,9 @@ def walk_many(neighbors, starts, batch_size, restart_threshold, max_steps, keys,
 
     Walks are processed in groups of ``group`` per thread, groups in parallel over the numba
     threads. Within a group every round has two passes over the walks still running: the
-    first draws each walk's random number and loads its next node (a short loop with no
-    data-dependent branch, so the cache misses of all walks overlap), the second does the
-    restart/insert bookkeeping on the loaded values. Each walk consumes exactly the draws of
+    first draws each walk's random number and prefetches the neighbour-table entry it will
+    read (prefetches retire at once, so the cache misses of all walks overlap), the second
+    reads the entries and does the restart/insert bookkeeping. Each walk consumes exactly the draws of
     :func:`walk_into`, so the result does not depend on ``group`` or on the threads.
 
     Returns:
@@ -194,7 +218,7 @@ def walk_many(neighbors, starts, batch_size, restart_threshold, max_steps, keys,
         width = min(lo + group, n_walks) - lo
         tables = np.full((width, size), -1, neighbors.dtype)
         cur = np.empty(width, np.int64)
-        nxt = np.empty(width, np.int64)
+        col = np.empty(width, np.int64)
         moved = np.empty(width, np.bool_)
         count = np.ones(width, np.int64)
         state = np.empty(width, np.uint64)
@@ -217,18 +241,19 @@ def walk_many(neighbors, starts, batch_size, restart_threshold, max_steps, keys,
                 state[j] = st
                 move = (z >> _S32) >= restart_threshold
                 moved[j] = move
-                # A restart reads the start's row (cached) instead of missing on cur's row.
-                src = cur[j] if move else starts[lo + j]
-                nxt[j] = neighbors[src, _below(z & _MASK32, k)]
+                if move:
+                    col[j] = _below(z & _MASK32, k)
+                    _prefetch(neighbors, cur[j], col[j])
             r = 0
             while r < n_running:
                 j = running[r]
                 w = lo + j
                 steps[w] += 1
                 if moved[j]:
-                    cur[j] = nxt[j]
-                    if _set_insert_row(tables, j, shift, nxt[j]):
-                        out[w, count[j]] = nxt[j]
+                    nxt = np.int64(neighbors[cur[j], col[j]])
+                    cur[j] = nxt
+                    if _set_insert_row(tables, j, shift, nxt):
+                        out[w, count[j]] = nxt
                         count[j] += 1
                 else:
                     cur[j] = starts[w]
@@ -255,7 +280,7 @@ def walk_many(neighbors, starts, batch_size, restart_threshold, max_steps, keys,
 # * Threshold buffer (exact kNN rows, k << row length): values above the running threshold go
 #   to a buffer of 4k slots; a full buffer is cut back to its k largest by quickselect and the
 #   threshold raised to the k-th value. Almost every value costs one well-predicted comparison.
-# * Histogram cut (candidate subsets, k ~ m / 10): see _topk_dense.
+# * Histogram cut (candidate subsets, k ~ m / 10): see _topk_masked.
 # --------------------------------------------------------------------------------------------
 
 
@@ -299,8 +324,9 @@ def _finish(bv, bi, count, k, out_v, out_i):
         out_i[t] = bi[order[t]]
 
 
-_N_BUCKETS = 512
+_N_BUCKETS = 2048
 _SIGN32 = np.uint32(0x80000000)
+_SORT_IN_PLACE_MAX = 1024  # longer runs (values crowded into few buckets) use np.sort
 
 
 @nb.njit(inline="always")
@@ -314,56 +340,81 @@ def _sort_key(value_bits, ident):
 
 
 @nb.njit(inline="always")
-def _bucket(value, lo, scale, top):
-    return min(np.int64((value - lo) * scale), top)
+def _bucket(value, scale, top):
+    """Bucket of a cosine in [-1, 1] (values rounded slightly outside are clamped)."""
+    return max(0, min(np.int64((value + np.float32(1.0)) * scale), top))
 
 
 @nb.njit(inline="always")
-def _topk_dense(vals, ids, m, k, lo, hi, hist, keys, out_v, out_i):
-    """Top-k of (vals[:m], ids[:m]) by a histogram cut, written sorted descending.
+def _max_of(vals, n_vals):
+    """max(vals[:n_vals]) with four independent running maxima (breaks the latency chain)."""
+    a = vals[0]
+    b = a
+    c = a
+    d = a
+    t = 0
+    while t + 4 <= n_vals:
+        a = max(a, vals[t])
+        b = max(b, vals[t + 1])
+        c = max(c, vals[t + 2])
+        d = max(d, vals[t + 3])
+        t += 4
+    while t < n_vals:
+        a = max(a, vals[t])
+        t += 1
+    return max(max(a, b), max(c, d))
 
-    ``lo``/``hi`` bound the values. One pass fills a histogram of ``hist.shape[0]`` equal-width
-    buckets; the bucket holding the k-th largest value is found from the top; a second pass
-    scatters every value of that bucket or above into ``keys`` grouped by bucket (descending),
-    so an insertion sort only has to order values inside a bucket. ``keys`` is uint64 scratch
-    of length >= m; ids must be < 2**32.
 
-    Complexity: O(m + buckets + k * (values per bucket)); O(m^2) only if most values share
-    one bucket.
+@nb.njit(inline="always")
+def _topk_masked(vals, keep, n_vals, k, hist, keys, out_v, out_i):
+    """Top-k of the cosines vals[t] with keep[t] == 1 (t < n_vals), sorted descending.
+
+    One pass fills a histogram of ``hist.shape[0]`` equal-width buckets over [-1, 1] with the
+    kept values; the bucket holding the k-th largest is found from the largest value down; a
+    second pass scatters the kept values of that bucket or above into ``keys`` grouped by
+    bucket (descending), so an insertion sort only orders values inside a bucket. Writes the k values
+    to ``out_v`` and their positions t to ``out_i``. Needs at least k kept values; ``keys`` is
+    uint64 scratch of length >= n_vals.
+
+    Complexity: O(n_vals + buckets + k * values per bucket); O(n log n) when values crowd
+    into one bucket (e.g. a zero embedding, all cosines 0).
     """
-    if not hi > lo:
-        for t in range(k):
-            out_v[t] = vals[t]
-            out_i[t] = ids[t]
-        return
-    bits = vals.view(np.uint32)
     top = hist.shape[0] - 1
-    scale = np.float32(top / (np.float64(hi) - np.float64(lo)))
+    scale = np.float32(hist.shape[0] / 2.0)
+    bits = vals.view(np.uint32)
     hist[:] = 0
-    for t in range(m):
-        hist[_bucket(vals[t], lo, scale, top)] += 1
-    cut = top
+    for t in range(n_vals):
+        hist[_bucket(vals[t], scale, top)] += keep[t]
+    hi = _max_of(vals, n_vals)
+    cut = _bucket(hi, scale, top)
     above = 0
     while above + hist[cut] < k:
         above += hist[cut]
         cut -= 1
     total = 0
-    for c in range(top, cut - 1, -1):
+    for c in range(_bucket(hi, scale, top), cut - 1, -1):
         count = hist[c]
         hist[c] = total
         total += count
-    for t in range(m):
-        c = _bucket(vals[t], lo, scale, top)
-        if c >= cut:
-            keys[hist[c]] = _sort_key(bits[t], ids[t])
-            hist[c] += 1
-    for t in range(1, total):
-        key = keys[t]
-        j = t - 1
-        while j >= 0 and keys[j] < key:
-            keys[j + 1] = keys[j]
-            j -= 1
-        keys[j + 1] = key
+    # Values below the cut bucket's lower edge (minus rounding slack) are skipped with one
+    # comparison; the bucket is recomputed, exactly as above, only for the few others.
+    edge = np.float32(cut / scale - 1.0 - 1e-6)
+    for t in range(n_vals):
+        if vals[t] >= edge and keep[t]:
+            c = _bucket(vals[t], scale, top)
+            if c >= cut:
+                keys[hist[c]] = _sort_key(bits[t], t)
+                hist[c] += 1
+    if total <= _SORT_IN_PLACE_MAX:
+        for t in range(1, total):
+            key = keys[t]
+            j = t - 1
+            while j >= 0 and keys[j] < key:
+                keys[j + 1] = keys[j]
+                j -= 1
+            keys[j + 1] = key
+    else:
+        keys[:total] = np.sort(keys[:total])[::-1]
     out_bits = out_v.view(np.uint32)
     for t in range(k):
         key = keys[t]
@@ -435,15 +486,14 @@ def topk_pool_block(scores, row_nodes, pool_start, perm, inv_perm, m, k, key, ou
         out_nb, out_sim: [N, k] outputs written at rows ``row_nodes``.
 
     Complexity: O(b * (p + min(m, p - m) + k)) time, O(p) scratch. Releases the GIL.
+    Scores must be cosines in [-1, 1] (see :func:`_topk_masked`).
     """
     n = perm.shape[0]
     b, p = scores.shape
     pos = np.empty(p, np.int64)
     keep = np.empty(p, np.uint8)
-    vals = np.empty(p, np.float32)
-    ids = np.empty(p, np.int64)
     keys = np.empty(p, np.uint64)
-    hist = np.empty(_N_BUCKETS, np.int64)
+    hist = np.empty(_N_BUCKETS, np.int32)
     top_v = np.empty(k, np.float32)
     top_i = np.empty(k, np.int64)
     for r in range(b):
@@ -470,17 +520,7 @@ def topk_pool_block(scores, row_nodes, pool_start, perm, inv_perm, m, k, key, ou
             pos[j] = pos[t]
             pos[t] = chosen
             keep[chosen] = mark
-        lo = scores[r, 0]
-        hi = lo
-        for t in range(p):
-            lo = min(lo, scores[r, t])
-            hi = max(hi, scores[r, t])
-        count = 0
-        for t in range(p):
-            vals[count] = scores[r, t]
-            ids[count] = t
-            count += keep[t]
-        _topk_dense(vals, ids, take, k, lo, hi, hist, keys, top_v, top_i)
+        _topk_masked(scores[r], keep, p, k, hist, keys, top_v, top_i)
         for t in range(k):
             q = pool_start + top_i[t]
             if q >= n:
@@ -522,11 +562,12 @@ def topk_independent(emb, m, k, key, out_nb, out_sim):
             vals[got] = acc
             ids[got] = c
             got += 1
-        hist = np.empty(_N_BUCKETS, np.int64)
+        hist = np.empty(_N_BUCKETS, np.int32)
         keys = np.empty(m, np.uint64)
+        keep = np.ones(m, np.uint8)
         top_v = np.empty(k, np.float32)
         top_i = np.empty(k, np.int64)
-        _topk_dense(vals, ids, m, k, vals[:m].min(), vals[:m].max(), hist, keys, top_v, top_i)
+        _topk_masked(vals, keep, m, k, hist, keys, top_v, top_i)
         for t in range(k):
             out_sim[i, t] = top_v[t]
-            out_nb[i, t] = top_i[t]
+            out_nb[i, t] = ids[top_i[t]]

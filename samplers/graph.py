@@ -9,7 +9,7 @@ Backends (``backend=``):
 
 * ``"exact"``: exact top-k over each node's candidate set. With ``m >= N - 1`` it is a blocked
   matrix product over all pairs, O(N^2 d). With ``m < N - 1`` it uses *candidate pools*
-  (below), O(N p d) with p = pool_factor * m.
+  (below), O(N p d) with p ~ pool_factor * m.
 * ``"pernode"``: the plain reference for ``m < N - 1``: every node draws its own candidates
   independently of every other node and gathers them row by row, O(N m d) but memory-bound
   (random row reads), several times slower than ``"exact"``.
@@ -27,9 +27,17 @@ window of one uniform random permutation of all nodes, and each node then draws 
 uniform m-subset of the pool (itself removed). Because the window is a uniform p-subset
 independent of the node, each node's candidate set is still marginally a uniform m-subset of the
 other N - 1 nodes. The windows tile the permutation so that every node lies in exactly the same
-number of pools and is offered as a candidate about m times, as in the independent build. Nodes of one block share pool members, so their candidate sets overlap (m^2 / p expected
-common candidates instead of m^2 / N); the tests check that in-degree distribution, neighbour
-similarity and walk batch statistics match the independent reference within noise.
+number of pools and is offered as a candidate about m times, as in the independent build.
+Nodes of one block share pool members, so their candidate sets overlap (m^2 / p expected
+common candidates instead of m^2 / N): the candidate sets are exact marginally, correlated
+jointly. The tests check that the in-degree distribution, neighbour similarity and walk batch
+statistics match the independent reference within noise (also with small blocks whose pools
+are only 1.55 m). Pool sizes are multiples of the block stride (about ``block_size``), so the
+pool is the smallest such multiple >= pool_factor * m.
+
+Threads: blocks run on ``num_threads`` Python threads, each doing one single-threaded BLAS
+product and one GIL-free numba kernel (BLAS threads spinning next to numba threads cost more
+than they gave on a 2-core box). Results do not depend on the number of threads.
 """
 
 from __future__ import annotations
@@ -376,7 +384,8 @@ def build_proximity_graph(
         seed: seed of the candidate draws; same (seed, N, k, m, backend) give the same
             candidate sets whatever the embeddings.
         backend: "auto", "exact", "pernode", "ivf" or "hnsw" (module docstring).
-        pool_factor: pool size p = pool_factor * m of the candidate-pool build (>= 1).
+        pool_factor: pool size p >= pool_factor * m of the candidate-pool build (>= 1; 1.5
+            keeps the matrix product at 1.5x the flops of an [N, d] x [d, m] product).
         block_size: nodes per block of the pool build (rows of one matrix product).
         num_threads: threads of the build (default: the CPUs this process may use).
 
@@ -392,7 +401,7 @@ def build_proximity_graph(
         per-node draws and top-k; O(N d + N k) memory (one normalised permuted copy of the
         bank plus the [N, k] outputs).
         m < N - 1, "pernode": O(N m d) time with random row reads.
-        m >= N - 1, "exact": O(N^2 d) time, O(block_size N) scratch.
+        m >= N - 1, "exact": O(N^2 d) time, O(threads * 2**24) scratch floats.
         "ivf"/"hnsw": see :func:`_faiss_knn`.
     """
     t0 = time.perf_counter()

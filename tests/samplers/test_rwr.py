@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 
@@ -121,6 +122,12 @@ def test_walks_are_deterministic_and_seeded():
     for w in (0, 17, 39):
         np.testing.assert_array_equal(many[w], random_walk_with_restart(nb, int(starts[w]), 50, 0.1, seeds[w]))
     np.testing.assert_array_equal(many, rwr_batches(nb, starts, 50, 0.1, seeds)[0])
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        np.testing.assert_array_equal(many, rwr_batches(nb, starts, 50, 0.1, seeds)[0])
+    finally:
+        numba.set_num_threads(threads)
     np.testing.assert_array_equal(
         random_walk_with_restart(nb.astype(np.int32), 3, 50, 0.1, seed=42), a
     )
