@@ -118,6 +118,11 @@ class SampleStore:
         return self.column(name)[ids]
 
     @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one sample of ``x``, e.g. ``(C, H, W)``."""
+        return tuple(self.column("x").shape[1:])
+
+    @property
     def has_labels(self) -> bool:
         return "label" in self.refs or "label" in self._cache
 

@@ -93,7 +93,6 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
         config_path: the YAML file it came from (logged as an artifact).
         parent_run_id: make the MLflow run a child of this run (sweeps).
     """
-    import numpy as np
     import ray
     import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -172,7 +171,7 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
                 init_dir = run_dir / "init"
                 init_dir.mkdir(exist_ok=True)
                 torch.manual_seed(config.train.seed)
-                in_channels = int(splits.train.take(np.array([0])).shape[1])
+                in_channels = splits.train.sample_shape[0]
                 save_weights(build_model(config.model.model_dump(), in_channels), init_dir / "model.pt")
                 info = ray.get(refresher.refresh.remote(str(init_dir), 0))
                 tracker.log_metrics({"refresh/embed_seconds": info["embed_seconds"],

@@ -128,11 +128,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     spe, epochs = cfg["steps_per_epoch"], train_cfg["epochs"]
     local_batch = train_cfg["batch_size"] // world
     train_store, test_store = cfg["train_store"], cfg["test_store"]
-    in_channels = int(train_store.take(np.array([0])).shape[1])
+    channels, _, width = train_store.sample_shape
 
     # (1) prepare: same initial weights everywhere (DDP also broadcasts rank 0's), gloo/NCCL DDP.
     torch.manual_seed(train_cfg["seed"])
-    model = ray.train.torch.prepare_model(build_model(conf["model"], in_channels))
+    model = ray.train.torch.prepare_model(build_model(conf["model"], channels))
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
     loss_fn = LOSSES[conf["loss"]["name"]](**cfg["loss_kwargs"])
     device = ray.train.torch.get_device()
@@ -155,7 +155,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     client = SamplerClient(sampler, rank, prefetch=sampler_cfg["prefetch"])
     refresher = ray.get_actor(cfg["refresher_name"]) if cfg.get("refresher_name") else None
     tracker = RunTracker(cfg["tracking_uri"], cfg["run_id"], cfg["metrics_path"], enabled=rank == 0)
-    augment = digits_augment(int(train_store.take(np.array([0])).shape[-1]))
+    augment = digits_augment(width)
     boundaries = set(refresh_boundaries(refresh_cfg["every_epochs"], refresh_cfg["every_steps"], spe, epochs))
     if refresher is None:
         boundaries = set()
