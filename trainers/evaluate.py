@@ -5,6 +5,8 @@ Labels are used here and nowhere in training.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -48,3 +50,48 @@ def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     votes = torch.zeros(len(test_feats), num_classes, dtype=weights.dtype)
     votes.scatter_add_(1, train_labels[top_idx], weights)
     return (votes.argmax(1) == test_labels).double().mean().item()
+
+
+def alignment(z_a: torch.Tensor, z_b: torch.Tensor, alpha: float = 2.0) -> float:
+    """Alignment of positive pairs (Wang and Isola, 2020): ``E ||z_a - z_b||^alpha``; lower is better.
+
+    Features must be L2-normalised, so the value lies in [0, 2^alpha]. Cost: O(N * D).
+
+    Shape:
+        z_a, z_b: ``[N, D]``, row i of both is one positive pair.
+    """
+    return (z_a - z_b).norm(dim=1).pow(alpha).mean().item()
+
+
+def uniformity(z: torch.Tensor, t: float = 2.0) -> float:
+    """Uniformity (Wang and Isola, 2020): ``log E_{i<j} exp(-t ||z_i - z_j||^2)``; lower is better.
+
+    The mean runs over all distinct pairs. Features must be L2-normalised, so the value lies in
+    [-4t, 0]. Cost: O(N^2 * D) time, O(N^2) memory.
+
+    Shape:
+        z: ``[N, D]`` with N >= 2.
+    """
+    sq_dists = torch.pdist(z.double(), p=2).pow(2)
+    return torch.logsumexp(-t * sq_dists, dim=0).item() - math.log(len(sq_dists))
+
+
+def linear_probe_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+                          test_labels: torch.Tensor, c: float = 1.0, max_iter: int = 1000) -> float:
+    """Held-out accuracy of a multinomial logistic regression fitted on frozen features.
+
+    The features are standardised with the training split's mean and standard deviation, then an
+    L2-regularised logistic regression (scikit-learn, L-BFGS, inverse strength ``c``) is fitted on the
+    training split and scored on the held-out split. Cost: O(max_iter * N * D * classes).
+
+    Shape:
+        train_feats: ``[N, D]``; train_labels: ``[N]``; test_feats: ``[M, D]``; test_labels: ``[M]``.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    x_train = train_feats.double().numpy()
+    x_test = test_feats.double().numpy()
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-8
+    probe = LogisticRegression(C=c, max_iter=max_iter)
+    probe.fit((x_train - mean) / std, train_labels.numpy())
+    return float((probe.predict((x_test - mean) / std) == test_labels.numpy()).mean())
