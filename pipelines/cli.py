@@ -2,6 +2,10 @@
 
     hardbatch run CONFIG [--set key=value ...]       train, log to MLflow
     hardbatch validate CONFIG [--set key=value ...]  check a config without starting Ray
+    hardbatch sweep CONFIG --grid key=v1,v2 [--grid ...] [--seeds N] [--set key=value ...]
+                                                     every combination, as child runs of one MLflow run
+    hardbatch compare --experiment NAME [--metric eval/knn_acc] [--out DIR]
+                                                     table, CSV and plots of an experiment's runs
 """
 
 from __future__ import annotations
@@ -13,19 +17,54 @@ from typing import Optional, Sequence
 from pipelines.config import ConfigError, load_config
 
 
+def _add_config_args(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("config", help="YAML config file, e.g. configs/digits.yaml")
+    cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override one config key, e.g. --set train.epochs=3 (repeatable)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hardbatch", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("run", "run a training job"), ("validate", "check a config, start nothing")):
-        cmd = sub.add_parser(name, help=help_text)
-        cmd.add_argument("config", help="YAML config file, e.g. configs/digits.yaml")
-        cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                         help="override one config key, e.g. --set train.epochs=3 (repeatable)")
+        _add_config_args(sub.add_parser(name, help=help_text))
+
+    sweep = sub.add_parser("sweep", help="run every combination of a grid of config values")
+    _add_config_args(sweep)
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                       help="values of one config key to sweep, e.g. --grid sampler.name=uniform,rwr "
+                            "(repeatable: the sweep is the cartesian product)")
+    sweep.add_argument("--seeds", type=int, default=1, metavar="N",
+                       help="runs per variant, with train.seed + 0 .. N-1 (default 1)")
+    sweep.add_argument("--name", default=None, help="the sweep's MLflow parent run name (default sweep-<time>)")
+    sweep.add_argument("--max-parallel", type=int, default=None, metavar="N",
+                       help="runs at once (default: 1 on a local Ray; on a cluster, as many as its "
+                            "resources hold; more than 1 needs an MLflow server as the store)")
+
+    compare = sub.add_parser("compare", help="compare the runs of an MLflow experiment")
+    compare.add_argument("--experiment", required=True, help="MLflow experiment name")
+    compare.add_argument("--metric", default="eval/knn_acc", help="metric to compare (default eval/knn_acc)")
+    compare.add_argument("--mode", choices=("max", "min"), default="max",
+                         help="whether higher (max, default) or lower values of the metric are better")
+    compare.add_argument("--out", default=None, metavar="DIR",
+                         help="report directory (default hardbatch_results/compare/<experiment>)")
+    compare.add_argument("--sweep", default=None, metavar="RUN_ID",
+                         help="compare the children of this sweep (default: the latest sweep)")
+    compare.add_argument("--all", action="store_true", help="compare every finished run of the experiment")
+    compare.add_argument("--tracking-uri", default=None,
+                         help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)")
+    compare.add_argument("--no-log", action="store_true", help="do not log the report to MLflow")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "compare":
+        from pipelines.compare import main_compare
+
+        return main_compare(args)
+    if args.command == "sweep":
+        return _sweep(args)
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as err:
@@ -44,6 +83,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"hardbatch: config error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from pipelines.sweep import plan_sweep, run_sweep
+
+    try:
+        plan = plan_sweep(args.config, args.grid, seeds=args.seeds, overrides=args.overrides, name=args.name)
+        result = run_sweep(plan, max_parallel=args.max_parallel)
+    except ConfigError as err:
+        print(f"hardbatch: config error: {err}", file=sys.stderr)
+        return 2
+    return 1 if result.failed else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,61 @@
+"""`hardbatch sweep` of two sampler variants on the smoke config, then `hardbatch compare`, as a user runs them."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+@pytest.mark.e2e
+def test_sweep_two_variants_then_compare(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    sweep = subprocess.run(
+        [str(BIN / "hardbatch"), "sweep", str(ROOT / "configs/smoke.yaml"), "--grid", "sampler.name=uniform,rwr",
+         "--set", "train.epochs=2", "--set", f"tracking.uri={uri}", "--set", f"storage.path={tmp_path / 'results'}",
+         "--name", "e2e-sweep"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
+    assert "sweep e2e-sweep: 2 finished, 0 failed" in sweep.stdout
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("hardbatch-smoke")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = [r for r in runs if r.info.run_name == "e2e-sweep"]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+    assert sorted(r.data.params["sampler.name"] for r in children) == ["rwr", "uniform"]
+    assert all(r.info.status == "FINISHED" and len(client.get_metric_history(r.info.run_id, "eval/knn_acc")) == 2
+               for r in children)
+
+    out = tmp_path / "report"
+    compare = subprocess.run(
+        [str(BIN / "hardbatch"), "compare", "--experiment", "hardbatch-smoke", "--out", str(out),
+         "--tracking-uri", uri],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert compare.returncode == 0, compare.stdout[-3000:] + compare.stderr[-3000:]
+    table = compare.stdout
+    assert "best eval/knn_acc" in table and "samples/s" in table
+    assert "sampler.name=uniform" in table and "sampler.name=rwr" in table
+
+    with open(out / "compare.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(r["variant"] for r in rows) == ["sampler.name=rwr", "sampler.name=uniform"]
+    assert all(0.1 < float(r["best_mean"]) <= 1.0 and float(r["samples_per_s"]) > 0 and float(r["wall_s"]) > 0
+               for r in rows)
+    for name in ("metric_by_epoch.png", "loss.png", "hardness_vs_same_class.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+    reports = client.search_runs([experiment.experiment_id], filter_string="tags.`hardbatch.kind` = 'report'")
+    assert len(reports) == 1
+    assert {"report/compare.csv", "report/metric_by_epoch.png"} <= {
+        a.path for a in client.list_artifacts(reports[0].info.run_id, "report")}
