@@ -33,12 +33,30 @@ class DataConfig(_Section):
     source: str = Field("builtin:digits", description="dataset: " + ", ".join(sources.SOURCES))
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="held-out fraction for evaluation")
     split_seed: int = Field(0, description="seed of the fixed held-out split")
+    num_samples: int = Field(4000, ge=10, description="generated sources: number of pairs")
+    dim: int = Field(8, ge=1, description="generated:gaussian: dimension of u and of v")
+    seed: int = Field(0, description="generated sources: seed of the data")
 
     @field_validator("source")
     @classmethod
     def _known_source(cls, value: str) -> str:
         sources.check_source(value)
         return value
+
+    @model_validator(mode="after")
+    def _generator_keys(self) -> "DataConfig":
+        if self.source not in sources.GENERATED:
+            for key in ("num_samples", "dim", "seed"):
+                if key in self.model_fields_set:
+                    raise ValueError(f"data.{key} applies to generated sources "
+                                     f"({', '.join(sorted(sources.GENERATED))}), not to {self.source!r}")
+        return self
+
+    def source_params(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`pipelines.sources.load_source` for this source."""
+        if self.source in sources.GENERATED:
+            return {"num_samples": self.num_samples, "dim": self.dim, "seed": self.seed}
+        return {}
 
 
 class ModelConfig(_Section):
@@ -63,9 +81,112 @@ class TrainConfig(_Section):
     max_failures: int = Field(1, ge=0, description="worker-group restarts Ray Train may attempt")
 
 
+LOSS_NAMES = ("infonce", "soft_infonce", "sscl", "mveb", "clip", "conditional", "joint")
+BIMODAL_LOSSES = frozenset({"clip", "conditional", "joint"})  # two towers on paired data
+
+
+class MVEBTraining(_Section):
+    """Training options that come with ``mveb`` (beside its loss hyper-parameters)."""
+
+    ema_base: float = Field(0.996, ge=0.0, lt=1.0, description="EMA target momentum at the start (cosine schedule to 1)")
+
+
+class SoftTargetTraining(_Section):
+    """Training options that come with ``soft_infonce``."""
+
+    targets: Literal["smoothing", "mixup"] = Field(
+        "smoothing", description="soft targets: label smoothing (by `smoothing`) or batch mixup")
+    mixup_alpha: float = Field(0.8, gt=0, description="mixup weight ~ Beta(alpha, alpha)")
+    noise_from: Literal["train_frequencies", "uniform"] = Field(
+        "train_frequencies", description="noise distribution q over the classes")
+
+
+TRAINING_OPTIONS: dict[str, type[_Section]] = {"mveb": MVEBTraining, "soft_infonce": SoftTargetTraining}
+
+
 class LossConfig(_Section):
-    name: Literal["infonce"] = Field("infonce", description="contrastive loss")
-    temperature: float = Field(0.2, gt=0, description="softmax temperature")
+    """``loss.name`` selects the loss; ``loss.<name>`` holds that loss's settings.
+
+    Each ``loss.<name>`` section takes the constructor arguments of ``trainers.losses.LOSSES[name]``
+    (``loss.sscl.tau_plus``, ``loss.infonce.temperature``, ...) plus the training options of
+    :data:`TRAINING_OPTIONS`. Every section given is validated by building its loss once, before Ray
+    starts, so a sweep over ``loss.name`` can carry each loss's settings in one file.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True, validate_default=True)
+
+    name: Literal[LOSS_NAMES] = Field("infonce", description="loss; its settings go under loss.<name>.*")
+
+    @property
+    def kind(self) -> str:
+        """How the loss is trained: ``siamese``, ``ema`` (mveb), ``classifier`` or ``bimodal``."""
+        if self.name in BIMODAL_LOSSES:
+            return "bimodal"
+        return {"mveb": "ema", "soft_infonce": "classifier"}.get(self.name, "siamese")
+
+    def section(self, name: Optional[str] = None) -> dict[str, Any]:
+        """The ``loss.<name>`` section as given (``{}`` when absent); default: the selected loss."""
+        return dict((self.model_extra or {}).get(name or self.name) or {})
+
+    def hyperparameters(self, name: Optional[str] = None) -> dict[str, Any]:
+        """Constructor arguments of the loss class given in its section (defaults not filled in)."""
+        name = name or self.name
+        options = TRAINING_OPTIONS.get(name)
+        skip = set(options.model_fields) if options else set()
+        return {k: v for k, v in self.section(name).items() if k not in skip}
+
+    def training(self, name: Optional[str] = None) -> Optional[_Section]:
+        """The training options of a loss (defaults filled in), or ``None`` if it has none."""
+        name = name or self.name
+        options = TRAINING_OPTIONS.get(name)
+        if options is None:
+            return None
+        return options.model_validate({k: v for k, v in self.section(name).items() if k in options.model_fields})
+
+    @model_validator(mode="after")
+    def _check_sections(self) -> "LossConfig":
+        from trainers.losses import LOSSES  # torch, not Ray: validation stays Ray-free
+
+        for name, section in (self.model_extra or {}).items():
+            if name not in LOSS_NAMES:
+                close = difflib.get_close_matches(name, LOSS_NAMES, n=1, cutoff=0.5)
+                hint = (f"did you mean 'loss.{close[0]}'?" if close else
+                        f"loss settings go under loss.<name> for a name in {', '.join(LOSS_NAMES)}, "
+                        f"e.g. loss.infonce.temperature")
+                raise ValueError(f"unknown config key 'loss.{name}'; {hint}")
+            if section is None:
+                continue
+            if not isinstance(section, dict):
+                raise ValueError(f"loss.{name} = {section!r}: must be a mapping of that loss's settings")
+            cls, options = LOSSES[name], TRAINING_OPTIONS.get(name)
+            option_keys = set(options.model_fields) if options else set()
+            allowed = [*cls.params(), *sorted(option_keys)]
+            for key in section:
+                if key not in allowed:
+                    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
+                    hint = f"did you mean 'loss.{name}.{close[0]}'?" if close else f"valid: {', '.join(allowed)}"
+                    raise ValueError(f"unknown config key 'loss.{name}.{key}'; {hint}")
+            if "noise" in section and "noise_from" in section:
+                raise ValueError(f"loss.{name}.noise and loss.{name}.noise_from both set the noise "
+                                 "distribution; give one")
+            try:
+                cls.from_config(self.hyperparameters(name))
+            except (TypeError, ValueError) as err:
+                message = str(err)
+                param = message.split(" ", 1)[0]
+                if param in section:  # the loss names its argument first: "tau_plus must be in ..."
+                    raise ValueError(f"loss.{name}.{param} = {section[param]!r}: "
+                                     f"{message.split(' ', 1)[1]}") from None
+                raise ValueError(f"loss.{name}: {message}") from None
+            if options is not None:
+                try:
+                    self.training(name)
+                except ValidationError as err:
+                    first = err.errors()[0]
+                    key = ".".join(str(p) for p in first["loc"])
+                    raise ValueError(f"loss.{name}.{key} = {first.get('input')!r}: "
+                                     f"{first['msg'].removeprefix('Input should be ')}") from None
+        return self
 
 
 class SamplerConfig(_Section):
@@ -143,6 +264,19 @@ class Config(_Section):
             raise ValueError(
                 f"train.batch_size = {self.train.batch_size} must be a multiple of "
                 f"train.num_workers = {self.train.num_workers} (each rank takes an equal slice)")
+        kind, source = self.loss.kind, self.data.source
+        if kind == "bimodal" and source not in sources.PAIRED:
+            raise ValueError(
+                f"loss.name = {self.loss.name!r} trains two towers on paired data: data.source must be one "
+                f"of {', '.join(sorted(sources.PAIRED))}, got {source!r}")
+        if kind != "bimodal" and source in sources.PAIRED:
+            raise ValueError(
+                f"data.source = {source!r} is paired data for two towers: loss.name must be one of "
+                f"{', '.join(sorted(BIMODAL_LOSSES))}, got {self.loss.name!r}")
+        if kind == "classifier" and source not in sources.LABELLED:
+            raise ValueError(
+                f"loss.name = 'soft_infonce' trains a classifier: data.source must have labels "
+                f"({', '.join(sorted(sources.LABELLED - sources.PAIRED))}), got {source!r}")
         if self.train.batch_size // self.train.num_workers < 2:
             raise ValueError(
                 f"train.batch_size = {self.train.batch_size} gives fewer than 2 samples per worker "
@@ -263,7 +397,7 @@ def cpus_per_worker(config: Config, cpus: float) -> float:
 
 
 def _check_dataset_bounds(config: Config) -> None:
-    size = sources.train_size(config.data.source, config.data.test_fraction)
+    size = sources.train_size(config.data.source, config.data.test_fraction, config.data.num_samples)
     if size is None:
         return
     if config.sampler.k >= size:
@@ -327,4 +461,55 @@ def reference_table() -> str:
                 rows.append(f"| `{prefix}{name}` | `{default}` | {field.description or ''} |")
 
     walk(Config, "")
+    return "\n".join(rows)
+
+
+def _arg_descriptions(cls: type) -> dict[str, str]:
+    """``name -> text`` from the ``Args:`` section of a class docstring (continuation lines joined)."""
+    import inspect
+    import re
+
+    doc = inspect.getdoc(cls) or ""
+    if "Args:" not in doc:
+        return {}
+    out: dict[str, str] = {}
+    current = None
+    for line in doc.split("Args:", 1)[1].splitlines():
+        if line and not line.startswith(" "):
+            break  # the next section
+        match = re.match(r"^ {4}(\w+): (.*)$", line)
+        if match:
+            current = match.group(1)
+            out[current] = match.group(2).strip()
+        elif current and line.strip():
+            out[current] += " " + line.strip()
+    from trainers.losses import MIXINGS, TILTS
+
+    constants = {"`TILTS`": ", ".join(f"`{t}`" for t in TILTS), "`MIXINGS`": ", ".join(f"`{m}`" for m in MIXINGS)}
+    cleaned = {}
+    for key, text in out.items():
+        text = re.sub(r":\w+:`([^`]+)`", r"\1", text).replace("``", "`").replace("|", "\\|")
+        for name, values in constants.items():
+            text = text.replace(name, values)
+        cleaned[key] = text
+    return cleaned
+
+
+def loss_reference_table() -> str:
+    """Every loss's settings (``loss.<name>.<key>``) with defaults, as a markdown table (README "Losses")."""
+    from trainers.losses import LOSSES
+
+    kinds = {"siamese": "two views, shared encoder", "ema": "two views + EMA target network",
+             "classifier": "encoder + linear head on labels", "bimodal": "two towers on paired data"}
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for name in LOSS_NAMES:
+        cls = LOSSES[name]
+        kind = LossConfig(name=name).kind
+        rows.append(f"| **`loss.name: {name}`** | | {kinds[kind]} (`{cls.__name__}`) |")
+        described = _arg_descriptions(cls)
+        for key, default in cls.params().items():
+            rows.append(f"| `loss.{name}.{key}` | `{default}` | {described.get(key, '')} |")
+        options = TRAINING_OPTIONS.get(name)
+        for key, field in (options.model_fields.items() if options else ()):
+            rows.append(f"| `loss.{name}.{key}` | `{field.default}` | {field.description} (training) |")
     return "\n".join(rows)

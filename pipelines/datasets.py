@@ -12,7 +12,7 @@ data in each node's object store.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -23,13 +23,17 @@ from pipelines.sources import RawData, load_source, split_indices
 ID = "id"
 
 
-def to_dataset(x: np.ndarray, labels: Optional[np.ndarray], num_blocks: int = 4) -> "ray.data.Dataset":
-    """A Ray dataset with an explicit ``id`` column (0..N-1), the sample tensor ``x`` and ``label``."""
+def to_dataset(x: np.ndarray, labels: Optional[np.ndarray], num_blocks: int = 4,
+               v: Optional[np.ndarray] = None) -> "ray.data.Dataset":
+    """A Ray dataset with an explicit ``id`` column (0..N-1), the samples ``x``, ``label`` and the
+    second modality ``v`` of a paired source."""
     from ray.data.extensions import ArrowTensorArray
 
     columns = {ID: pa.array(np.arange(len(x), dtype=np.int64)), "x": ArrowTensorArray.from_numpy(x)}
     if labels is not None:
         columns["label"] = pa.array(labels.astype(np.int64))
+    if v is not None:
+        columns["v"] = ArrowTensorArray.from_numpy(v)
     table = pa.table(columns)
     step = max(1, -(-len(x) // num_blocks))
     # ``from_blocks`` computes block metadata here; ``from_arrow`` would launch one metadata task per
@@ -83,7 +87,8 @@ class SampleStore:
     """Random access by id to one split of a dataset, backed by the Ray object store.
 
     Attributes:
-        refs: column name -> ObjectRef of the whole column (``x`` always; ``label`` when known).
+        refs: column name -> ObjectRef of the whole column (``x`` always; ``label`` when known;
+            ``v``, the second modality, for a paired source).
         size: number of samples; ids are ``0..size-1``.
     """
 
@@ -122,9 +127,13 @@ class SampleStore:
         """Shape of one sample of ``x``, e.g. ``(C, H, W)``."""
         return tuple(self.column("x").shape[1:])
 
+    def has(self, name: str) -> bool:
+        """Whether the store holds column ``name``."""
+        return name in self.refs or name in self._cache
+
     @property
     def has_labels(self) -> bool:
-        return "label" in self.refs or "label" in self._cache
+        return self.has("label")
 
     def __getstate__(self):  # ship refs only, never the mapped arrays
         return {"refs": self.refs, "size": self.size}
@@ -141,21 +150,22 @@ class Splits:
     test_source_ids: np.ndarray
 
 
-def build_splits(source: str, test_fraction: float, split_seed: int) -> Splits:
+def build_splits(source: str, test_fraction: float, split_seed: int, **source_params: Any) -> Splits:
     """Read ``source`` through Ray Data and build the train and held-out SampleStores.
 
     Training ids are ``0..N_train-1`` (the sampler's node ids); the held-out split is only used for
-    evaluation.
+    evaluation. ``source_params`` size and seed a generated source (see :func:`load_source`).
+    Columns: ``x`` always, ``label`` when the source has labels, ``v`` for a paired source.
     """
-    raw: RawData = load_source(source)
-    ds = to_dataset(raw.x, raw.labels)
-    cols = ["x"] + (["label"] if raw.labels is not None else [])
+    raw: RawData = load_source(source, **source_params)
+    ds = to_dataset(raw.x, raw.labels, v=raw.v)
+    cols = ["x"] + (["label"] if raw.labels is not None else []) + (["v"] if raw.v is not None else [])
     data = collect_by_id(ds, cols)
     labels = data.get("label")
     train_idx, test_idx = split_indices(len(data["x"]), test_fraction, split_seed, labels)
 
     def store(idx: np.ndarray) -> SampleStore:
-        return SampleStore.from_arrays(x=data["x"][idx], label=None if labels is None else labels[idx])
+        return SampleStore.from_arrays(**{name: data[name][idx] for name in cols})
 
     return Splits(train=store(train_idx), test=store(test_idx),
                   train_source_ids=train_idx, test_source_ids=test_idx)

@@ -20,25 +20,31 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.datasets import ID, collect_by_id, to_dataset
-from trainers.models import build_model, load_weights
+from trainers.models import build_network, load_weights, network_spec
 
 WEIGHTS_FILE = "model.pt"
 
 
-class Embedder:
-    """Callable class for ``map_batches``: L2-normalised projector outputs of a batch.
+def as_network_spec(network: dict[str, Any], x_shape: tuple[int, ...]) -> dict[str, Any]:
+    """A network spec as is, or a bare ``model:`` section read as a Siamese network on ``x_shape``."""
+    return network if "kind" in network else network_spec("siamese", network, x_shape)
 
-    The projector output is the space the loss compares samples in, so the proximity graph measures
-    hardness where the loss feels it.
+
+class Embedder:
+    """Callable class for ``map_batches``: L2-normalised graph embeddings of a batch.
+
+    What is embedded is the network's ``graph_embedding`` (:mod:`trainers.models`): for a Siamese
+    network the projector output, the space the loss compares samples in, so the proximity graph
+    measures hardness where the loss feels it.
     """
 
-    def __init__(self, checkpoint_dir: str, model_cfg: dict[str, Any], in_channels: int, device: str = "auto",
+    def __init__(self, checkpoint_dir: str, network: dict[str, Any], device: str = "auto",
                  crash_once_marker: Optional[str] = None):
         self.crash_once_marker = crash_once_marker  # fault injection for tests: see __call__
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self.model = build_model(model_cfg, in_channels)
+        self.model = build_network(network)
         load_weights(self.model, Path(checkpoint_dir, WEIGHTS_FILE))
         self.model.to(self.device).eval()
 
@@ -48,19 +54,20 @@ class Embedder:
             Path(self.crash_once_marker).touch()
             os._exit(1)  # this actor process dies mid-pass, once per marker file
         x = torch.tensor(batch["x"], device=self.device)  # a copy: Ray Data batches are read-only
-        _, z = self.model(x)
+        z = self.model.graph_embedding(x)
         return {ID: batch[ID], "embedding": F.normalize(z, dim=1).float().cpu().numpy()}
 
 
-def embed_store_x(x: np.ndarray, checkpoint_dir: str, model_cfg: dict[str, Any], *, pool_size: int = 1,
+def embed_store_x(x: np.ndarray, checkpoint_dir: str, network: dict[str, Any], *, pool_size: int = 1,
                   num_cpus: float = 0.25, num_gpus: float = 0.0, batch_size: int = 512,
                   output_dir: Optional[str] = None, crash_once_marker: Optional[str] = None) -> np.ndarray:
-    """Embeddings ``[N, proj_dim]`` (float32, unit rows, row i = id i) of the samples ``x``.
+    """Graph embeddings ``[N, D]`` (float32, unit rows, row i = id i) of the samples ``x``.
 
     Args:
-        x: samples ``[N, C, H, W]``, id = row index.
-        checkpoint_dir: a directory holding ``model.pt`` (the encoder's weights).
-        model_cfg: the ``model:`` config section as a dict.
+        x: samples ``[N, *shape]``, id = row index.
+        checkpoint_dir: a directory holding ``model.pt`` (the network's weights).
+        network: a :func:`trainers.models.network_spec` dict, or a bare ``model:`` section (a
+            Siamese network on ``x``).
         pool_size, num_cpus, num_gpus: the actor pool and each actor's resources.
         batch_size: rows per ``map_batches`` call.
         output_dir: if given, the embeddings are also written there as parquet.
@@ -71,8 +78,9 @@ def embed_store_x(x: np.ndarray, checkpoint_dir: str, model_cfg: dict[str, Any],
     ds = to_dataset(x, None, num_blocks=max(pool_size * 2, 2))
     out = ds.map_batches(
         Embedder,
-        fn_constructor_kwargs={"checkpoint_dir": str(checkpoint_dir), "model_cfg": model_cfg,
-                               "in_channels": int(x.shape[1]), "crash_once_marker": crash_once_marker},
+        fn_constructor_kwargs={"checkpoint_dir": str(checkpoint_dir),
+                               "network": as_network_spec(network, tuple(x.shape[1:])),
+                               "crash_once_marker": crash_once_marker},
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=pool_size),

@@ -39,10 +39,10 @@ def neighbour_overlap(old: np.ndarray, new: np.ndarray) -> float:
 
 
 class _Refresher:
-    def __init__(self, store: SampleStore, model_cfg: dict[str, Any], sampler_cfg: dict[str, Any],
+    def __init__(self, store: SampleStore, network: dict[str, Any], sampler_cfg: dict[str, Any],
                  refresh_cfg: dict[str, Any], graph_dir: str, sampler, seed: int):
         self.store = store
-        self.model_cfg = model_cfg
+        self.network = network
         self.sampler_cfg = sampler_cfg
         self.refresh_cfg = refresh_cfg
         self.graph_dir = Path(graph_dir)
@@ -79,7 +79,7 @@ class _Refresher:
         if self.refresh_cfg.get("scope", "full") == "seen" and self._last is not None and not_before > seen_since:
             plans = ray.get(self.sampler.plans.remote(seen_since, not_before))
             ids = np.unique(plans)
-        fresh = embed_store_x(x if ids is None else x[ids], checkpoint_dir, self.model_cfg,
+        fresh = embed_store_x(x if ids is None else x[ids], checkpoint_dir, self.network,
                               pool_size=self.refresh_cfg["pool_size"], num_cpus=self.refresh_cfg["num_cpus"],
                               num_gpus=self.refresh_cfg["num_gpus"], batch_size=self.refresh_cfg["batch_size"])
         if ids is None:

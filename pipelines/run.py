@@ -65,6 +65,50 @@ def derive(config: Config, cluster_cpus: float, train_size: int) -> dict[str, An
     }
 
 
+def training_setup(config: Config, train_store) -> tuple[dict[str, Any], dict[str, Any], Optional[dict[str, Any]]]:
+    """What the workers build: the network spec, the loss's constructor arguments, its training options.
+
+    ``soft_infonce`` gets its noise distribution here, from the training split's class frequencies
+    (``loss.soft_infonce.noise_from: train_frequencies``, ALGORITHMS.md 1.3) unless ``noise`` is
+    given; classes absent from the split would make ``log q`` infinite and are refused.
+    """
+    import numpy as np
+
+    from trainers.models import network_spec
+
+    kind = config.loss.kind
+    kwargs = config.loss.hyperparameters()
+    training = config.loss.training()
+    options = training.model_dump() if training is not None else None
+    v_shape = num_classes = None
+    if kind == "bimodal":
+        v_shape = train_store.column("v").shape[1:]
+    if kind == "classifier":
+        labels = train_store.column("label")
+        num_classes = int(labels.max()) + 1
+        if "noise" not in kwargs and options["noise_from"] == "train_frequencies":
+            counts = np.bincount(labels, minlength=num_classes)
+            if (counts == 0).any():
+                raise ConfigError(f"loss.soft_infonce.noise_from = 'train_frequencies': classes "
+                                  f"{np.flatnonzero(counts == 0).tolist()} have no training sample")
+            kwargs["noise"] = (counts / counts.sum()).tolist()
+    spec = network_spec(kind, config.model.model_dump(), train_store.sample_shape, v_shape, num_classes)
+    return spec, kwargs, options
+
+
+def resolved_loss_params(config: Config, loss_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Every hyper-parameter of the loss as it will run (defaults filled in), cross-rank flags
+    included, as ``loss.resolved.*`` params; the noise distribution is abbreviated."""
+    from trainers.losses import LOSSES
+
+    loss = LOSSES[config.loss.name](**loss_kwargs)
+    params = {f"loss.resolved.{k}": v for k, v in loss.hparams().items()}
+    if params.get("loss.resolved.noise") is not None:
+        params["loss.resolved.noise"] = "[" + ", ".join(f"{q:.4f}" for q in params["loss.resolved.noise"]) + "]"
+    params["loss.resolved.distributed_flags"] = ",".join(loss.distributed_flags) or "-"
+    return params
+
+
 def _start_mlflow_run(config: Config, uri: str, run_name: str, parent_run_id: Optional[str] = None):
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -102,7 +146,7 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
     from pipelines.refresh import GraphRefresher
     from samplers.actor import start_sampler
     from trainers.loop import train_loop_per_worker
-    from trainers.models import build_model, save_weights
+    from trainers.models import build_network, save_weights
     from trainers.tracking import RunTracker
 
     uri = resolve_tracking_uri(config.tracking.uri)
@@ -134,11 +178,14 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
     status, actors = "FAILED", []
     try:
         t_start = time.perf_counter()
-        splits = build_splits(config.data.source, config.data.test_fraction, config.data.split_seed)
+        splits = build_splits(config.data.source, config.data.test_fraction, config.data.split_seed,
+                              **config.data.source_params())
         derived = derive(config, cluster_cpus, splits.train.size)
         spe = derived["derived.steps_per_epoch"]
+        network, loss_kwargs, loss_options = training_setup(config, splits.train)
         if not resume:
-            tracker.log_params({**config.flat(), **derived})
+            tracker.log_params({**config.flat(), **derived, **resolved_loss_params(config, loss_kwargs),
+                                "derived.network_kind": network["kind"]})
         with tempfile.TemporaryDirectory() as tmp:
             resolved = Path(tmp, "config.resolved.yaml")
             resolved.write_text(config.to_yaml())
@@ -164,15 +211,14 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
             has_versions = bool(json.loads(state_file.read_text())["versions"]) if state_file.exists() else False
             refresher_name = f"refresher-{run_id}"
             refresher = GraphRefresher.options(name=refresher_name).remote(
-                splits.train, config.model.model_dump(), config.sampler.model_dump(),
+                splits.train, network, config.sampler.model_dump(),
                 config.refresh.model_dump(), str(run_dir / "graphs"), sampler, config.train.seed)
             actors.append(refresher)
             if not has_versions:  # graph v0 from the initial weights (a resumed run reloads its versions)
                 init_dir = run_dir / "init"
                 init_dir.mkdir(exist_ok=True)
-                torch.manual_seed(config.train.seed)
-                in_channels = splits.train.sample_shape[0]
-                save_weights(build_model(config.model.model_dump(), in_channels), init_dir / "model.pt")
+                torch.manual_seed(config.train.seed)  # the workers' initial weights (same seed, same spec)
+                save_weights(build_network(network), init_dir / "model.pt")
                 info = ray.get(refresher.refresh.remote(str(init_dir), 0))
                 tracker.log_metrics({"refresh/embed_seconds": info["embed_seconds"],
                                      "refresh/graph_seconds": info["graph_seconds"], "graph/version": 0,
@@ -187,7 +233,7 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
             "sampler_name": sampler_name, "refresher_name": refresher_name,
             "tracking_uri": uri, "run_id": run_id, "metrics_path": str(run_dir / "metrics.jsonl"),
             "snapshot_root": str(run_dir / "snapshots"), "eval": config.eval.model_dump(),
-            "loss_kwargs": {"temperature": config.loss.temperature},
+            "network": network, "loss_kwargs": loss_kwargs, "loss_options": loss_options,
         }
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config=loop_cfg,
@@ -208,7 +254,8 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
         client.set_terminated(run_id, status=status)
         for actor in actors:  # the run is over; its state is on disk
             ray.kill(actor, no_restart=True)
-    _print(f"done in {wall:.0f} s: eval/knn_acc {final.get('eval/knn_acc', float('nan')):.4f}")
+    headline = next((k for k in ("eval/knn_acc", "eval/retrieval_acc", "eval/accuracy") if k in final), None)
+    _print(f"done in {wall:.0f} s" + (f": {headline} {final[headline]:.4f}" if headline else ""))
     _print(f"MLflow run id: {run_id}")
     _print(f"open the MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
     return RunResult(run_id=run_id, tracking_uri=uri, run_dir=run_dir, metrics=final)

@@ -14,20 +14,29 @@ from torch import nn
 
 
 @torch.no_grad()
-def embed(model: nn.Module, x: np.ndarray, batch_size: int = 1024, projected: bool = False) -> torch.Tensor:
-    """L2-normalised encoder outputs (or projector outputs) of ``x`` in eval mode.
+def embed(model: nn.Module, x: np.ndarray, batch_size: int = 1024, projected: bool = False,
+          normalize: bool = True, encode: str = "encode") -> torch.Tensor:
+    """Encoder outputs ``h`` (or loss-space outputs ``z``) of ``x`` in eval mode, L2-normalised by default.
+
+    Args:
+        model: a network of :mod:`trainers.models` (its ``encode`` gives ``(h, z)``).
+        projected: return ``z`` instead of ``h``.
+        normalize: L2-normalise the rows.
+        encode: the method giving ``(h, z)``: ``encode``, or ``encode_v`` for a bimodal network's v side.
 
     Shape:
-        x: ``[N, C, H, W]`` -> ``[N, D]``.
+        x: ``[N, *shape]`` -> ``[N, D]``.
     """
     was_training = model.training
     model.eval()
     try:
         outs = []
         for start in range(0, len(x), batch_size):
-            h, z = model(torch.tensor(x[start:start + batch_size]))  # a copy: store arrays are read-only
+            # a copy: store arrays are read-only
+            h, z = getattr(model, encode)(torch.tensor(x[start:start + batch_size]))
             outs.append(z if projected else h)
-        return F.normalize(torch.cat(outs), dim=1)
+        out = torch.cat(outs)
+        return F.normalize(out, dim=1) if normalize else out
     finally:
         model.train(was_training)
 
@@ -95,3 +104,39 @@ def linear_probe_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor,
     probe = LogisticRegression(C=c, max_iter=max_iter)
     probe.fit((x_train - mean) / std, train_labels.numpy())
     return float((probe.predict((x_test - mean) / std) == test_labels.numpy()).mean())
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """Expected calibration error with ``bins`` equal-width bins on the top-class probability.
+
+    ``ECE = sum_b (n_b / N) |accuracy_b - confidence_b|`` where bin b holds the samples whose top
+    probability lies in ``((b - 1) / bins, b / bins]`` (the first bin also takes 0). Cost: O(N C).
+
+    Shape:
+        probs: ``[N, C]`` rows on the simplex; labels: ``[N]``.
+    """
+    confidence, predicted = probs.max(dim=1)
+    correct = (predicted == labels).double()
+    index = (confidence.double() * bins).ceil().long().clamp(1, bins) - 1
+    total = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, torch.ones_like(correct))
+    hits = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, correct)
+    conf = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, confidence.double())
+    used = total > 0
+    gaps = (hits[used] - conf[used]).abs()  # n_b * |acc_b - conf_b|
+    return float(gaps.sum() / len(labels))
+
+
+def retrieval_accuracy(scores: torch.Tensor, query_keys: torch.Tensor, candidate_keys: torch.Tensor) -> float:
+    """Top-1 retrieval accuracy where a hit is a best-scored candidate whose key equals the query's.
+
+    Row i of ``scores`` scores query i against every candidate. For v-from-u retrieval the keys are
+    the v values themselves (query i's key is its true partner ``v_i``); for u-from-v retrieval they
+    are the partners' v values too. Comparing keys rather than indices counts duplicated candidates
+    as hits (digits pairs: v = the label, so v-from-u retrieval is classification); with
+    continuous v it is the usual index match.
+
+    Shape:
+        scores: ``[N, M]``; query_keys: ``[N, d]``; candidate_keys: ``[M, d]``.
+    """
+    best = scores.argmax(dim=1)
+    return float((candidate_keys[best] == query_keys).all(dim=1).double().mean())

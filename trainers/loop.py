@@ -1,4 +1,4 @@
-"""The Ray Train worker loop: graph-sampled batches -> two views -> shared encoder -> contrastive loss.
+"""The Ray Train worker loop: graph-sampled batches -> the task's step (:mod:`trainers.tasks`) -> loss.
 
 The driver (:mod:`pipelines.run`) does all the arithmetic and hands this function one plain dict
 (:func:`train_loop_per_worker`'s ``cfg``). Every rank takes exactly ``steps_per_epoch`` steps per
@@ -27,11 +27,9 @@ import torch
 import torch.distributed as dist
 
 from samplers.actor import SamplerClient
-from samplers.stats import batch_stats
-from trainers.augment import digits_augment, two_views
-from trainers.evaluate import embed, knn_accuracy
 from trainers.losses import LOSSES
-from trainers.models import build_model, load_weights, save_weights, unwrap
+from trainers.models import load_weights, save_weights
+from trainers.tasks import build_task
 from trainers.tracking import RunTracker
 
 MODEL_FILE = "model.pt"  # the file pipelines.embed loads
@@ -68,7 +66,12 @@ class _RefreshCaller:
     ``sync``: block until the new version is active at the boundary step (the paper's protocol).
     ``async``: fire the refresh and keep training; the sampler activates the version at the first
     step not yet served. A refresh still running when the next one is due is waited for, and that
-    wait is the only stall async mode can have.
+    wait is the only stall async mode can have besides saving the weights.
+
+    ``refresh/stall_seconds``, logged once per refresh when its result is collected, is the time the
+    trainer spent on that refresh instead of training: saving its weight snapshot plus every second
+    blocked waiting for it. The wait for a refresh still in flight when training ends is logged as
+    ``refresh/teardown_wait_seconds`` instead (no training is left to stall).
     """
 
     def __init__(self, refresher, mode: str, snapshot_root: str, tracker: RunTracker):
@@ -77,34 +80,46 @@ class _RefreshCaller:
         self.snapshot_root = Path(snapshot_root)
         self.tracker = tracker
         self.pending: Optional[ray.ObjectRef] = None
+        self.pending_overhead = 0.0  # seconds the pending refresh already cost the trainer
         self.last_boundary = 0
 
     def trigger(self, model: torch.nn.Module, boundary: int) -> None:
+        self.finish(block=True, step=boundary)  # at most one refresh in flight
+        t0 = time.perf_counter()
         snapshot = self.snapshot_root / f"step_{boundary:07d}"
         snapshot.mkdir(parents=True, exist_ok=True)
         save_weights(model, snapshot / MODEL_FILE)
-        stall = self.finish(block=True, step=boundary)  # at most one refresh in flight
-        t0 = time.perf_counter()
         activate = boundary if self.mode == "sync" else None
         self.pending = self.refresher.refresh.remote(str(snapshot), activate, boundary, self.last_boundary)
+        self.pending_overhead = time.perf_counter() - t0
         self.last_boundary = boundary
         if self.mode == "sync":
-            self.finish(block=True, step=boundary, stall=stall + time.perf_counter() - t0)
+            self.finish(block=True, step=boundary)
 
-    def finish(self, block: bool, step: int, stall: float = 0.0) -> float:
-        """Log a finished refresh (waiting for it when ``block``); returns the seconds waited."""
+    def finish(self, block: bool, step: int, teardown: bool = False) -> float:
+        """Collect and log a finished refresh, waiting for it when ``block``.
+
+        Returns:
+            The seconds the trainer lost to that refresh (0.0 when none was collected).
+        """
         if self.pending is None:
             return 0.0
         t0 = time.perf_counter()
         if not block and not ray.wait([self.pending], timeout=0)[0]:
             return 0.0
         info = ray.get(self.pending)
-        waited = time.perf_counter() - t0 if self.mode == "async" else stall
+        waited = time.perf_counter() - t0
         self.pending = None
-        self.tracker.log_metrics({**_refresh_metrics(info), "refresh/stall_seconds": waited}, step=step)
+        metrics = _refresh_metrics(info)
+        if teardown:
+            metrics.update({"refresh/stall_seconds": self.pending_overhead,
+                            "refresh/teardown_wait_seconds": waited})
+        else:
+            metrics["refresh/stall_seconds"] = self.pending_overhead + waited
+        self.tracker.log_metrics(metrics, step=step)
         if info.get("manifest"):
             self.tracker.log_artifact(info["manifest"], "graphs")
-        return waited
+        return metrics["refresh/stall_seconds"]
 
 
 def _mean_across_ranks(value: float) -> float:
@@ -126,16 +141,17 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     spe, epochs = cfg["steps_per_epoch"], train_cfg["epochs"]
-    local_batch = train_cfg["batch_size"] // world
     train_store, test_store = cfg["train_store"], cfg["test_store"]
-    channels, _, width = train_store.sample_shape
 
     # (1) prepare: same initial weights everywhere (DDP also broadcasts rank 0's), gloo/NCCL DDP.
     torch.manual_seed(train_cfg["seed"])
-    model = ray.train.torch.prepare_model(build_model(conf["model"], channels))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
     loss_fn = LOSSES[conf["loss"]["name"]](**cfg["loss_kwargs"])
+    task = build_task(cfg["network"], loss_fn, cfg.get("loss_options"), conf["eval"])
+    model = ray.train.torch.prepare_model(task.build())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
     device = ray.train.torch.get_device()
+    loss_fn.to(device)
+    task.attach(model)
 
     # (2) resume from the latest reported checkpoint after a worker-group restart.
     start_epoch = 0
@@ -144,6 +160,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         with checkpoint.as_directory() as ckpt_dir:
             load_weights(model, Path(ckpt_dir, MODEL_FILE))
             optimizer.load_state_dict(torch.load(Path(ckpt_dir, OPTIM_FILE), weights_only=True))
+            task.load_state(Path(ckpt_dir))
             start_epoch = json.loads(Path(ckpt_dir, META_FILE).read_text())["epoch"] + 1
     torch.manual_seed(train_cfg["seed"] * 7919 + rank * 104729 + start_epoch)  # augmentation stream
 
@@ -155,7 +172,6 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     client = SamplerClient(sampler, rank, prefetch=sampler_cfg["prefetch"])
     refresher = ray.get_actor(cfg["refresher_name"]) if cfg.get("refresher_name") else None
     tracker = RunTracker(cfg["tracking_uri"], cfg["run_id"], cfg["metrics_path"], enabled=rank == 0)
-    augment = digits_augment(width)
     boundaries = set(refresh_boundaries(refresh_cfg["every_epochs"], refresh_cfg["every_steps"], spe, epochs))
     if refresher is None:
         boundaries = set()
@@ -165,35 +181,39 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     for epoch in range(start_epoch, epochs):
         model.train()
         window_start, window_steps, window_loss, window_wait = time.perf_counter(), 0, 0.0, 0.0
+        window_extras: dict[str, float] = {}
         for local_step in range(spe):
             step = epoch * spe + local_step
-            # (3) feed: this rank's row of the global plan, then two augmented views.
+            # (3) feed: this rank's row of the global plan; the task fetches its columns and views.
             t_wait = time.perf_counter()
             # in sync mode nobody asks for plans past a refresh boundary before the new graph is active
             horizon = min((b for b in boundaries if b > step), default=None) if sync else None
             ids, version = client.get(step, horizon)
-            x = torch.from_numpy(np.ascontiguousarray(train_store.take(ids)))
-            view_a, view_b = two_views(x, augment)
             window_wait += time.perf_counter() - t_wait
 
             lr = lr_at(epoch + local_step / spe, train_cfg["lr"], train_cfg["warmup_epochs"], epochs)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            _, z = model(torch.cat([view_a, view_b]).to(device))
-            z_a, z_b = z.chunk(2)
-            loss = loss_fn(z_a, z_b)
+            loss, extras = task.step_loss(model, train_store, ids, device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            task.after_step(model, (step + 1) / (epochs * spe))
             window_loss += loss.item()
             window_steps += 1
+            for key, value in extras.items():
+                window_extras[key] = window_extras.get(key, 0.0) + value
 
             if (step + 1) % train_cfg["log_every_steps"] == 0 or local_step == spe - 1:
                 mean_loss = _mean_across_ranks(window_loss / window_steps)
+                if not math.isfinite(mean_loss):
+                    raise FloatingPointError(f"train/loss is {mean_loss} at step {step + 1} "
+                                             f"(loss {conf['loss']['name']}); stopping before the weights are lost")
                 elapsed = time.perf_counter() - window_start
                 metrics = {"train/loss": mean_loss, "train/lr": lr, "graph/version": version,
                            "train/samples_per_s": window_steps * train_cfg["batch_size"] / elapsed,
-                           "train/data_wait_s": window_wait / window_steps, "epoch": epoch}
+                           "train/data_wait_s": window_wait / window_steps, "epoch": epoch,
+                           **{k: v / window_steps for k, v in window_extras.items()}}  # rank 0's
                 tracker.log_metrics(metrics, step=step + 1)
                 if caller is not None:
                     caller.finish(block=False, step=step + 1)
@@ -201,6 +221,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                     _say(f"epoch {epoch + 1}/{epochs} step {step + 1}/{epochs * spe} loss {mean_loss:.4f} "
                          f"samples/s {metrics['train/samples_per_s']:.0f} graph v{version}")
                 window_start, window_steps, window_loss, window_wait = time.perf_counter(), 0, 0.0, 0.0
+                window_extras = {}
 
             # (5) refresh: rank 0 snapshots the weights and asks the refresher for a new graph version.
             if step + 1 in boundaries:
@@ -214,19 +235,17 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         metrics = {"epoch": epoch}
         if rank == 0:
             plans = ray.get(sampler.plans.remote(epoch * spe, (epoch + 1) * spe))
-            metrics.update(_evaluate(unwrap(model), train_store, test_store, plans, cfg,
-                                     linear_probe=epoch + 1 == epochs))
+            metrics.update(task.evaluate(model, train_store, test_store, plans, final=epoch + 1 == epochs))
             tracker.log_metrics(metrics, step=(epoch + 1) * spe)
-            _say(f"epoch {epoch + 1}/{epochs} eval/knn_acc {metrics.get('eval/knn_acc', float('nan')):.4f} "
-                 f"sampler/hardness {metrics['sampler/hardness']:.3f}"
-                 + (f" sampler/same_class_rate {metrics['sampler/same_class_rate']:.3f}"
-                    if "sampler/same_class_rate" in metrics else ""))
+            _say(f"epoch {epoch + 1}/{epochs} " + " ".join(
+                f"{key} {metrics[key]:.4f}" for key in _HEADLINE if key in metrics))
         ckpt_name = f"epoch_{epoch:04d}"
         with tempfile.TemporaryDirectory() as tmp:
             report_ckpt = None
             if rank == 0:
                 save_weights(model, Path(tmp, MODEL_FILE))
                 torch.save(optimizer.state_dict(), Path(tmp, OPTIM_FILE))
+                task.save_state(Path(tmp))
                 sampler_state = ray.get(sampler.state.remote())
                 Path(tmp, META_FILE).write_text(json.dumps(
                     {"epoch": epoch, "step": (epoch + 1) * spe, "sampler": sampler_state}))
@@ -234,7 +253,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=report_ckpt, checkpoint_dir_name=ckpt_name)
 
     if caller is not None:
-        caller.finish(block=True, step=epochs * spe)  # let a refresh in flight land before teardown
+        caller.finish(block=True, step=epochs * spe, teardown=True)  # let a refresh in flight land
+
+
+_HEADLINE = ("eval/knn_acc", "eval/accuracy", "eval/ece", "eval/retrieval_acc", "sampler/hardness",
+             "sampler/same_class_rate")
 
 
 def _refresh_metrics(info: dict[str, Any]) -> dict[str, float]:
@@ -252,43 +275,3 @@ def _say(line: str) -> None:
     that Ray Train patches into workers would emit it twice)."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
-
-
-def _evaluate(model: torch.nn.Module, train_store, test_store, plans: np.ndarray,
-              cfg: dict[str, Any], linear_probe: bool = False) -> dict[str, float]:
-    """Batch statistics of the epoch's plans, and the representation metrics on the held-out split.
-
-    ``eval/knn_acc`` (k = ``eval.knn_k``) and ``eval/knn_acc_k200`` use the encoder's features,
-    ``eval/alignment`` and ``eval/uniformity`` (Wang and Isola) the loss space (normalised projector
-    outputs) of two fixed augmented views of the held-out samples; with ``linear_probe`` (the last
-    epoch) a logistic regression on frozen encoder features gives ``eval/linear_acc``. Labels are used
-    only here: the same-class rate of batches, the kNN votes and the probe.
-    """
-    from trainers.evaluate import alignment, linear_probe_accuracy, uniformity
-
-    projected = embed(model, train_store.column("x"), projected=True).numpy()
-    labels = train_store.column("label") if train_store.has_labels else None
-    stats = batch_stats(plans, projected, labels)
-    out = {f"sampler/{k}": v for k, v in stats.items() if k != "num_batches"}
-
-    test_x = test_store.column("x")
-    with torch.random.fork_rng():  # the same views every epoch, the training streams untouched
-        torch.manual_seed(0)
-        view_a, view_b = two_views(torch.from_numpy(np.array(test_x)), digits_augment(int(test_x.shape[-1])))
-    z_a, z_b = embed(model, view_a.numpy(), projected=True), embed(model, view_b.numpy(), projected=True)
-    out["eval/alignment"] = alignment(z_a, z_b)
-    out["eval/uniformity"] = uniformity(embed(model, test_x, projected=True))
-    if not (train_store.has_labels and test_store.has_labels):
-        return out
-
-    train_feats, test_feats = embed(model, train_store.column("x")), embed(model, test_x)
-    train_labels = torch.from_numpy(train_store.column("label"))
-    test_labels = torch.from_numpy(test_store.column("label"))
-    temperature = cfg["eval"]["knn_temperature"]
-    out["eval/knn_acc"] = knn_accuracy(train_feats, train_labels, test_feats, test_labels,
-                                       k=cfg["eval"]["knn_k"], temperature=temperature)
-    out["eval/knn_acc_k200"] = knn_accuracy(train_feats, train_labels, test_feats, test_labels,
-                                            k=200, temperature=temperature)
-    if linear_probe:
-        out["eval/linear_acc"] = linear_probe_accuracy(train_feats, train_labels, test_feats, test_labels)
-    return out

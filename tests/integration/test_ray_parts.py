@@ -56,6 +56,24 @@ def test_embedding_pool_matches_direct_forward_pass(ray_env, tmp_path):
     np.testing.assert_allclose(emb, direct, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["classifier", "bimodal"])
+def test_embedding_pool_uses_each_networks_graph_embedding(ray_env, tmp_path, kind):
+    from trainers.models import build_network, network_spec
+
+    x = np.random.default_rng(2).random((300, 1, 8, 8)).astype(np.float32)
+    spec = network_spec(kind, MODEL_CFG, (1, 8, 8), v_shape=(10,) if kind == "bimodal" else None,
+                        num_classes=10 if kind == "classifier" else None)
+    torch.manual_seed(0)
+    model = build_network(spec)
+    save_weights(model, tmp_path / "model.pt")
+    emb = embed_store_x(x, str(tmp_path), spec, pool_size=1, num_cpus=0.25, batch_size=128)
+    model.eval()
+    with torch.no_grad():
+        features = model.encoder(torch.from_numpy(x)) if kind == "classifier" else model.u_tower(torch.from_numpy(x))[1]
+    np.testing.assert_allclose(emb, torch.nn.functional.normalize(features, dim=1).numpy(), atol=1e-5)
+    assert emb.shape == (300, 16 if kind == "classifier" else 8)
+
+
 def test_embedding_survives_an_actor_killed_mid_pass(ray_env, tmp_path):
     torch.manual_seed(0)
     model = build_model(MODEL_CFG, in_channels=1)

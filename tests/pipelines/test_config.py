@@ -11,7 +11,7 @@ import pytest
 from pipelines.config import Config, ConfigError, load_config, valid_keys
 
 REQUIRED_KEYS = ["data.source", "train.epochs", "train.batch_size", "train.num_workers", "train.lr", "train.seed",
-                 "loss.name", "loss.temperature", "sampler.name", "sampler.k", "sampler.m",
+                 "loss.name", "sampler.name", "sampler.k", "sampler.m",
                  "sampler.restart_prob", "refresh.every_epochs", "tracking.uri", "tracking.experiment"]
 
 
@@ -24,7 +24,7 @@ def test_every_documented_key_exists():
 def test_yaml_and_overrides_are_typed_and_frozen(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  epochs: 7\nsampler:\n  name: uniform\n")
-    config = load_config(path, ["train.lr=0.01", "loss.temperature=0.5", "refresh.mode=sync"])
+    config = load_config(path, ["train.lr=0.01", "loss.infonce.temperature=0.5", "refresh.mode=sync"])
     assert config.train.epochs == 7 and config.sampler.name == "uniform"
     assert config.train.lr == 0.01 and isinstance(config.train.lr, float)
     assert config.refresh.mode == "sync"
@@ -32,7 +32,8 @@ def test_yaml_and_overrides_are_typed_and_frozen(tmp_path):
         config.train.epochs = 3  # frozen after validation
     flat = config.flat()
     assert flat["train.epochs"] == 7 and flat["tracking.uri"] is None
-    assert set(flat) == set(valid_keys())
+    assert flat["loss.infonce.temperature"] == 0.5  # a loss's settings are params too
+    assert set(flat) == set(valid_keys()) | {"loss.infonce.temperature"}
 
 
 def test_default_config_validates():
@@ -42,8 +43,11 @@ def test_default_config_validates():
 
 @pytest.mark.parametrize("override, field, fragment", [
     ("train.batch_size=1", "train.batch_size", "greater than or equal to 2"),
-    ("loss.temperature=0", "loss.temperature", "greater than 0"),
-    ("loss.temperature=-1", "loss.temperature", "greater than 0"),
+    ("loss.infonce.temperature=0", "loss.infonce.temperature", "> 0"),
+    ("loss.infonce.temperature=-1", "loss.infonce.temperature", "> 0"),
+    ("loss.sscl.tau_plus=2", "loss.sscl.tau_plus", "[0.0, 1.0)"),
+    ("loss.mveb.ema_base=1.5", "loss.mveb.ema_base", "less than 1"),
+    ("loss.soft_infonce.targets=cutmix", "loss.soft_infonce.targets", "'smoothing' or 'mixup'"),
     ("sampler.restart_prob=1", "sampler.restart_prob", "[0, 1)"),
     ("sampler.restart_prob=-0.1", "sampler.restart_prob", "[0, 1)"),
     ("train.epochs=abc", "train.epochs", "integer"),
@@ -109,6 +113,51 @@ def test_readme_documents_every_key_with_its_default():
 
     from pipelines.config import reference_table
 
+    from pipelines.config import loss_reference_table
+
     readme = Path("README.md").read_text()
     for row in reference_table().splitlines()[2:]:
         assert row in readme, f"README configuration table is stale: {row}"
+    for row in loss_reference_table().splitlines()[2:]:
+        assert row in readme, f"README loss table is stale: {row}"
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (["loss.temperature=0.1"], r"unknown config key 'loss.temperature'; .*e.g. loss.infonce.temperature"),
+    (["loss.infonse.temperature=0.1"], r"unknown config key 'loss.infonse'; did you mean 'loss.infonce'\?"),
+    (["loss.sscl.tau_pluss=0.1"], r"unknown config key 'loss.sscl.tau_pluss'; did you mean 'loss.sscl.tau_plus'\?"),
+    (["loss.mveb.temperature=0.1"], r"unknown config key 'loss.mveb.temperature'; valid: lam, eta"),
+    (["loss.mveb=3"], r"loss.mveb = 3: must be a mapping"),
+    (["loss.name=clip"], r"loss.name = 'clip' trains two towers on paired data: data.source must be one of "
+                         r"builtin:digits_pairs, generated:gaussian, got 'builtin:digits'"),
+    (["data.source=generated:gaussian"], r"data.source = 'generated:gaussian' is paired data .* got 'infonce'"),
+    (["data.source=generated:gaussian", "loss.name=soft_infonce"], r"paired data"),
+    (["data.dim=4"], r"data.dim applies to generated sources \(generated:gaussian\), not to 'builtin:digits'"),
+    (["loss.soft_infonce.noise=[1, 1]", "loss.soft_infonce.noise_from=uniform"], r"give one"),
+])
+def test_loss_sections_and_modes_are_checked_before_ray(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config("configs/smoke.yaml", overrides)
+
+
+def test_every_loss_section_is_validated_even_when_not_selected():
+    # a sweep over loss.name must not discover a bad setting of its third variant after two runs
+    with pytest.raises(ConfigError, match=r"loss.mveb.lam = -1"):
+        load_config("configs/smoke.yaml", ["loss.name=infonce", "loss.mveb.lam=-1"])
+
+
+def test_loss_accessors_and_kinds():
+    config = load_config("configs/smoke.yaml", ["loss.name=mveb", "loss.mveb.ema_base=0.9"])
+    assert config.loss.kind == "ema"
+    assert config.loss.hyperparameters() == {"lam": 0.01}  # ema_base is a training option
+    assert config.loss.training().ema_base == 0.9
+    assert config.loss.hyperparameters("sscl")["n_hard"] == 64
+    bimodal = load_config("configs/bimodal_gaussian.yaml", ["loss.name=joint"])
+    assert bimodal.loss.kind == "bimodal" and bimodal.data.source_params() == {"num_samples": 4000, "dim": 8, "seed": 0}
+    assert load_config("configs/smoke.yaml", ["loss.name=soft_infonce"]).loss.kind == "classifier"
+    assert load_config("configs/smoke.yaml").loss.training() is None  # infonce has no training options
+
+
+def test_generated_source_size_bounds_the_batch():
+    with pytest.raises(ConfigError, match=r"train.batch_size = 512 exceeds the training split of generated:gaussian \(80 samples\)"):
+        load_config("configs/bimodal_gaussian.yaml", ["data.num_samples=100", "train.batch_size=512"])

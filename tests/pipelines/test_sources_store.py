@@ -52,3 +52,36 @@ def test_store_take_is_random_access_by_id():
 def test_store_rejects_ragged_columns():
     with pytest.raises(ValueError, match="one length"):
         SampleStore.in_memory(x=np.zeros((3, 2)), label=np.zeros(4))
+
+
+def test_digits_pairs_carry_the_label_as_a_one_hot_v():
+    pairs, digits = load_source("builtin:digits_pairs"), load_source("builtin:digits")
+    assert np.array_equal(pairs.x, digits.x) and pairs.paired and not digits.paired
+    assert pairs.v.shape == (1797, 10) and pairs.v.dtype == np.float32
+    assert np.array_equal(pairs.v.argmax(1), pairs.labels) and np.all(pairs.v.sum(1) == 1.0)
+
+
+def test_gaussian_pairs_have_the_stated_cross_covariance():
+    from pipelines.sources import canonical_correlations, gaussian_pairs
+
+    raw = gaussian_pairs(num_samples=200_000, dim=4, seed=3)
+    cross, rho = raw.meta["cross_covariance"], raw.meta["canonical_correlations"]
+    np.testing.assert_allclose(rho, [0.9, 0.675, 0.45, 0.225])
+    np.testing.assert_allclose(rho, canonical_correlations(4))
+    u, v = raw.x.astype(np.float64), raw.v.astype(np.float64)
+    joint = np.cov(np.hstack([u, v]).T)
+    # identity marginals and the stated cross block, to sampling error (~ 1 / sqrt(N) = 0.002)
+    np.testing.assert_allclose(joint[:4, :4], np.eye(4), atol=0.01)
+    np.testing.assert_allclose(joint[4:, 4:], np.eye(4), atol=0.01)
+    np.testing.assert_allclose(joint[:4, 4:], cross, atol=0.01)
+    # the singular values of the cross-covariance (identity marginals: the coherence) are the rho
+    np.testing.assert_allclose(np.linalg.svd(cross, compute_uv=False), rho, atol=1e-12)
+    again = gaussian_pairs(num_samples=10, dim=4, seed=3)
+    assert np.array_equal(again.x, gaussian_pairs(num_samples=10, dim=4, seed=3).x)
+    assert not np.array_equal(again.x, gaussian_pairs(num_samples=10, dim=4, seed=4).x)
+
+
+def test_generated_sources_are_sized_by_their_parameters():
+    assert load_source("generated:gaussian", num_samples=50, dim=3, seed=0).x.shape == (50, 3)
+    assert train_size("generated:gaussian", 0.2, num_samples=50) == 40
+    assert train_size("builtin:digits_pairs", 0.2) == train_size("builtin:digits", 0.2)

@@ -124,3 +124,41 @@ def test_linear_probe_needs_a_linear_boundary_only():
     acc = linear_probe_accuracy(torch.tensor(x[:400]), torch.tensor(y[:400]), torch.tensor(x[400:]),
                                 torch.tensor(y[400:]))
     assert acc < 0.7
+
+
+def test_expected_calibration_error_hand_example():
+    from trainers.evaluate import expected_calibration_error
+
+    # 4 samples, top probabilities 0.95, 0.95 (bin 15), 0.55 (bin 9), 0.3 (bin 5); 15 equal bins.
+    # (the last row is not normalised on purpose: ECE only reads the top probability)
+    probs = torch.tensor([[0.95, 0.05], [0.95, 0.05], [0.45, 0.55], [0.3, 0.2]])
+    labels = torch.tensor([0, 1, 1, 1])
+    # bin 15: accuracy 1/2, confidence 0.95 -> 2/4 * 0.45; bin 9: accuracy 1, confidence 0.55 ->
+    # 1/4 * 0.45; bin 5: prediction 0, wrong, confidence 0.3 -> 1/4 * 0.3.
+    expected = 0.5 * 0.45 + 0.25 * 0.45 + 0.25 * 0.3
+    assert expected_calibration_error(probs, labels, bins=15) == pytest.approx(expected)
+
+
+def test_expected_calibration_error_limits():
+    from trainers.evaluate import expected_calibration_error
+
+    labels = torch.arange(5)
+    assert expected_calibration_error(torch.eye(5), labels) == pytest.approx(0.0)  # sure and right
+    wrong = torch.eye(5).roll(1, dims=1)
+    assert expected_calibration_error(wrong, labels) == pytest.approx(1.0)  # sure and wrong
+    # a calibrated forecaster: confidence 0.6, right 60 % of the time, all in one bin
+    probs = torch.tensor([[0.6, 0.4]] * 10, dtype=torch.float64)
+    hits = torch.tensor([0] * 6 + [1] * 4)
+    assert expected_calibration_error(probs, hits) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_retrieval_accuracy_counts_equal_candidates_as_hits():
+    from trainers.evaluate import retrieval_accuracy
+
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    # query 0 retrieves candidate 2, which equals its true partner (candidate 0): a hit;
+    # query 1 retrieves candidate 0 (wrong key); query 2 retrieves candidate 2: a hit.
+    scores = torch.tensor([[0.0, 0.1, 0.9], [0.9, 0.1, 0.0], [0.0, 0.0, 1.0]])
+    assert retrieval_accuracy(scores, keys, keys) == pytest.approx(2 / 3)
+    distinct = torch.eye(3)
+    assert retrieval_accuracy(scores, distinct, distinct) == pytest.approx(1 / 3)  # index match only
