@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHES = ["losses.py", "sampler.py", "embed.py"]
+BENCHES = ["losses.py", "sampler.py", "embed.py", "refresh.py"]
 
 
 def main() -> int:

@@ -65,8 +65,10 @@ class _RefreshCaller:
 
     ``sync``: block until the new version is active at the boundary step (the paper's protocol).
     ``async``: fire the refresh and keep training; the sampler activates the version at the first
-    step not yet served. A refresh still running when the next one is due is waited for, and that
-    wait is the only stall async mode can have besides saving the weights.
+    step not yet served. When the next boundary comes while a refresh is still running (a refresh
+    slower than the refresh period), the new refresh is *deferred*, not waited for: it starts at the
+    first step after the running one lands, from the weights of that step (``refresh/deferred``
+    counts them). So async mode never blocks on a refresh; its only stall is saving the weights.
 
     ``refresh/stall_seconds``, logged once per refresh when its result is collected, is the time the
     trainer spent on that refresh instead of training: saving its weight snapshot plus every second
@@ -82,6 +84,24 @@ class _RefreshCaller:
         self.pending: Optional[ray.ObjectRef] = None
         self.pending_overhead = 0.0  # seconds the pending refresh already cost the trainer
         self.last_boundary = 0
+        self.deferred = False  # async: a refresh is due but waits for the running one to land
+        self.deferred_count = 0
+
+    def due(self, model: torch.nn.Module, boundary: int) -> None:
+        """A refresh boundary was reached after step ``boundary - 1``."""
+        if self.mode == "async" and self.pending is not None and not ray.wait([self.pending], timeout=0)[0]:
+            self.deferred = True
+            self.deferred_count += 1
+            self.tracker.log_metrics({"refresh/deferred": self.deferred_count}, step=boundary)
+            return
+        self.trigger(model, boundary)
+
+    def poll(self, model: torch.nn.Module, step: int) -> None:
+        """After every step (async): collect a refresh that landed; start a deferred one."""
+        self.finish(block=False, step=step)
+        if self.deferred and self.pending is None:
+            self.deferred = False
+            self.trigger(model, step)
 
     def trigger(self, model: torch.nn.Module, boundary: int) -> None:
         self.finish(block=True, step=boundary)  # at most one refresh in flight
@@ -215,8 +235,6 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                            "train/data_wait_s": window_wait / window_steps, "epoch": epoch,
                            **{k: v / window_steps for k, v in window_extras.items()}}  # rank 0's
                 tracker.log_metrics(metrics, step=step + 1)
-                if caller is not None:
-                    caller.finish(block=False, step=step + 1)
                 if rank == 0:
                     _say(f"epoch {epoch + 1}/{epochs} step {step + 1}/{epochs * spe} loss {mean_loss:.4f} "
                          f"samples/s {metrics['train/samples_per_s']:.0f} graph v{version}")
@@ -226,10 +244,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             # (5) refresh: rank 0 snapshots the weights and asks the refresher for a new graph version.
             if step + 1 in boundaries:
                 if caller is not None:
-                    caller.trigger(model, step + 1)
+                    caller.due(model, step + 1)
                 if sync:
                     _barrier()  # every rank waits for the new version before its next plan
                     client.reset()
+            elif caller is not None and not sync and step + 1 < epochs * spe:
+                caller.poll(model, step + 1)
 
         # (4) evaluate on rank 0, then report; every rank reports (a barrier), rank 0 attaches the checkpoint.
         metrics = {"epoch": epoch}

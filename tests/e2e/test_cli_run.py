@@ -44,14 +44,14 @@ def test_smoke_run_logs_a_learning_run(tmp_path):
     versions = {m.value for m in client.get_metric_history(run.info.run_id, "graph/version")}
     assert {0.0, 1.0} <= versions  # the graph was rebuilt during training and used
     assert client.get_metric_history(run.info.run_id, "graph/mean_neighbor_similarity")
-    # async refresh: training keeps going; the trainer waits only when a refresh is still running
-    # at the next boundary, a small part of what the refreshes cost
+    # async refresh: training keeps going; a refresh due while another runs is deferred, never
+    # waited for, so the trainer only pays for saving the weights
     rid = run.info.run_id
-    stall = sum(m.value for m in client.get_metric_history(rid, "refresh/stall_seconds"))
+    stalls = client.get_metric_history(rid, "refresh/stall_seconds")
     cost = sum(m.value for key in ("refresh/embed_seconds", "refresh/graph_seconds")
                for m in client.get_metric_history(rid, key) if m.step > 0)
-    assert len(client.get_metric_history(rid, "refresh/stall_seconds")) == 2 and cost > 0
-    assert stall < 0.5 * cost, (stall, cost)
+    assert 1 <= len(stalls) <= 2 and cost > 0
+    assert sum(m.value for m in stalls) < 0.1 * cost, (stalls, cost)
     overlap = client.get_metric_history(rid, "refresh/neighbour_overlap")
     assert overlap and all(m.value < 1.0 for m in overlap)  # training changed the neighbours
     assert {a.path for a in client.list_artifacts(rid, "graphs")} >= {"graphs/v0000.json", "graphs/v0001.json"}
