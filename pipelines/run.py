@@ -73,7 +73,9 @@ def training_setup(config: Config, train_store) -> tuple[dict[str, Any], dict[st
     given; classes absent from the split would make ``log q`` infinite and are refused.
     """
     import numpy as np
+    import torch
 
+    from trainers.losses import class_frequencies
     from trainers.models import network_spec
 
     kind = config.loss.kind
@@ -87,11 +89,11 @@ def training_setup(config: Config, train_store) -> tuple[dict[str, Any], dict[st
         labels = train_store.column("label")
         num_classes = int(labels.max()) + 1
         if "noise" not in kwargs and options["noise_from"] == "train_frequencies":
-            counts = np.bincount(labels, minlength=num_classes)
-            if (counts == 0).any():
+            q = class_frequencies(torch.from_numpy(np.asarray(labels)), num_classes)
+            if (q == 0).any():
                 raise ConfigError(f"loss.soft_infonce.noise_from = 'train_frequencies': classes "
-                                  f"{np.flatnonzero(counts == 0).tolist()} have no training sample")
-            kwargs["noise"] = (counts / counts.sum()).tolist()
+                                  f"{torch.nonzero(q == 0).flatten().tolist()} have no training sample")
+            kwargs["noise"] = q.tolist()
     spec = network_spec(kind, config.model.model_dump(), train_store.sample_shape, v_shape, num_classes)
     return spec, kwargs, options
 
