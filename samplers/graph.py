@@ -33,17 +33,35 @@ common candidates instead of m^2 / N): the candidate sets are exact marginally, 
 jointly. The tests check that the in-degree distribution, neighbour similarity and walk batch
 statistics match the independent reference within noise (also with small blocks whose pools
 are only 1.55 m). Pool sizes are multiples of the block stride (about ``block_size``), so the
-pool is the smallest such multiple >= pool_factor * m.
+pool is the smallest such multiple >= max(pool_factor * m, m + 1).
 
-Threads: blocks run on ``num_threads`` Python threads, each doing one single-threaded BLAS
-product and one GIL-free numba kernel (BLAS threads spinning next to numba threads cost more
-than they gave on a 2-core box). Results do not depend on the number of threads.
+Per-node draw and top-k (:func:`samplers._kernels.topk_pool_block`). A node's m-subset of its
+pool is drawn by sequential (selection) sampling: the pool positions are visited in a fixed
+order and each is kept with probability (still to keep) / (still to visit), which makes every
+m-subset equally likely whatever the order, provided the order does not depend on the draws.
+The order used visits the highest scores first, in bands found by counting passes against a
+threshold, so a node stops after about k p / m visits instead of drawing all of its m
+candidates; the kept ones of the band are the top of its candidate set and are bucket-sorted.
+The law of the result is exactly that of "uniform m-subset, then top k" (a test checks the
+exact per-pair probabilities). With ``m == k`` the band is the whole pool in position order,
+so the neighbour sets do not depend on the embeddings for a given seed; with ``m > k`` the
+visiting order depends on the scores, so two different banks with the same seed get
+different (equally distributed) candidate sets.
+
+Threads: chunks of consecutive blocks run on ``num_threads`` Python threads (guided
+scheduling: long chunks first, short ones at the end). A thread gathers
+(and normalises) its chunk's pool rows once from the raw bank through the permutation, then per
+block gathers the block's rows, runs one single-threaded BLAS product into its own score
+buffer and one GIL-free numba kernel (BLAS threads spinning next to numba threads cost more
+than they gave on a 2-core box). The bank itself is never copied. Results do not depend on the
+number of threads.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -58,7 +76,10 @@ from samplers import _kernels
 
 BACKENDS = ("auto", "exact", "pernode", "ivf", "hnsw")
 EXACT_KNN_MAX_NODES = 50_000
+_CHUNK_BLOCKS = 16  # most consecutive blocks sharing one gathered pool window (pool build)
+_BAND_Z = 2.5  # first score band of a node holds k kept candidates with ~2.5 sd to spare (speed only)
 _STREAM_TAG_BUILD = 0x6B4E4E  # separates the build's random streams from other users of a seed
+_NOT_FINITE = "embeddings must be finite, found NaN or inf values"
 
 
 @dataclass(frozen=True)
@@ -172,8 +193,14 @@ class ProximityGraph:
         }
 
 
-def _validate(embeddings: Any, k: Any, m: Any, backend: str) -> tuple[np.ndarray, int, int]:
-    """Check the arguments of :func:`build_proximity_graph`; returns (array, k, clipped m)."""
+def _validate(
+    embeddings: Any, k: Any, m: Any, backend: str, check_finite: bool = True
+) -> tuple[np.ndarray, int, int]:
+    """Check the arguments of :func:`build_proximity_graph`; returns (array, k, clipped m).
+
+    ``check_finite=False`` leaves the NaN / inf check to the caller (the pool build does it
+    while it reads the rows, which saves a pass over the bank).
+    """
     if not isinstance(embeddings, np.ndarray):
         raise ValueError(f"embeddings must be a numpy array, got {type(embeddings).__name__}")
     if embeddings.ndim != 2:
@@ -183,8 +210,8 @@ def _validate(embeddings: Any, k: Any, m: Any, backend: str) -> tuple[np.ndarray
     n, d = embeddings.shape
     if n < 2 or d < 1:
         raise ValueError(f"embeddings must have N >= 2 rows and d >= 1 columns, got shape {embeddings.shape}")
-    if not np.isfinite(embeddings).all():
-        raise ValueError("embeddings must be finite, found NaN or inf values")
+    if check_finite:
+        _check_finite(embeddings)
     for name, value in (("k", k), ("m", m)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -204,6 +231,11 @@ def _validate(embeddings: Any, k: Any, m: Any, backend: str) -> tuple[np.ndarray
             f"(here m={m}, N={n}); use backend='exact' for per-node candidate sets"
         )
     return embeddings, k, m
+
+
+def _check_finite(embeddings: np.ndarray) -> None:
+    if not np.isfinite(embeddings).all():
+        raise ValueError(_NOT_FINITE)
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
@@ -261,6 +293,59 @@ def _exact_knn(emb: np.ndarray, k: int, num_threads: int) -> tuple[np.ndarray, n
     return neighbors, sims
 
 
+def _run_guided(
+    n_blocks: int,
+    max_chunk: int,
+    make_state: Callable[[], Any],
+    work: Callable[[int, int, Any], None],
+    num_threads: int,
+) -> None:
+    """Run ``work(first, last, state)`` over chunks of consecutive blocks covering
+    ``range(n_blocks)``, on ``num_threads`` threads with BLAS single-threaded.
+
+    Guided scheduling: a thread takes the next ``min(max_chunk, remaining / (2 threads))``
+    blocks, so chunks are long (a chunk shares one gathered pool window) while much work is
+    left and short at the end (the threads finish together). Each thread builds its scratch
+    ``state`` once, so no block allocates (or page-faults) its own buffers.
+    """
+    workers = max(1, min(num_threads, n_blocks))
+    lock = threading.Lock()
+    claimed = [0]
+
+    def worker() -> None:
+        state = make_state()
+        while True:
+            with lock:
+                first = claimed[0]
+                size = max(1, min(max_chunk, (n_blocks - first) // (2 * workers)))
+                claimed[0] = min(n_blocks, first + size)
+            if first >= n_blocks:
+                return
+            work(first, min(n_blocks, first + size), state)
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        if workers == 1:
+            worker()
+            return
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for future in [pool.submit(worker) for _ in range(workers)]:
+                future.result()
+
+
+def _pool_reach(bounds: np.ndarray, n: int, min_pool: float) -> int:
+    """Smallest number r of blocks such that every window of r consecutive blocks (circular)
+    holds at least ``min_pool`` nodes; the whole permutation when no r < number of blocks does."""
+    n_blocks = bounds.size - 1
+    sizes = np.diff(bounds)
+    reach = max(1, int(np.ceil(min_pool * n_blocks / n)))
+    while reach < n_blocks:
+        window = np.convolve(np.concatenate([sizes, sizes[: reach - 1]]), np.ones(reach, np.int64), "valid")
+        if window.min() >= min_pool:
+            break
+        reach += 1
+    return reach
+
+
 def _pool_build(
     x: np.ndarray, k: int, m: int, seed: int, pool_factor: float, block_size: int, num_threads: int
 ) -> tuple[np.ndarray, np.ndarray, int]:
@@ -268,24 +353,33 @@ def _pool_build(
 
     The N nodes (in random order) are cut into nb = ceil(N / block_size) blocks at the bounds
     floor(j N / nb); the pool of block j is the circular window of the candidate permutation
-    from bound j to bound j + r, with r = ceil(pool_factor * m / (N / nb)). Every position of
-    the permutation therefore lies in exactly r windows, so every node is offered as a
-    candidate about m times, as in the independent build.
+    from bound j to bound j + r, with r the smallest count of blocks whose windows all hold at
+    least max(pool_factor * m, m + 1) nodes. Every position of the permutation therefore lies
+    in exactly r windows, so every node is offered as a candidate about m times, as in the
+    independent build.
 
-    The raw bank ``x`` is normalised on the fly: one permuted, normalised float32 copy holds
-    the pools, and each block normalises its own rows.
+    Consecutive blocks are grouped in chunks (at most _CHUNK_BLOCKS, shorter towards the end:
+    :func:`_run_guided`); a thread gathers the union of its chunk's pool windows once
+    (normalised float32 rows, read from the raw bank ``x`` through the permutation) and each
+    block's pool is then a contiguous slice of it. Each block gathers and normalises its own
+    rows, multiplies them by its pool (one single-threaded BLAS product into a per-thread
+    buffer) and runs :func:`_kernels.topk_pool_block`.
 
     Returns:
         (neighbors, similarities, largest pool size).
 
-    Complexity: O(N p d) time, O(N d + threads * block_size * p) extra memory.
+    Raises:
+        ValueError: when a row holds a NaN or an inf (found while gathering the rows; the
+            non-finite rows are zeroed so the kernels stay safe until then).
+
+    Complexity: O(N p d) time for the products, O(N (p + k p / m)) for the per-node draws and
+    top-k, about 1 + p / (16 block_size) gathered bank rows per node; O(N + N k) memory
+    plus, per thread, O((p + 16 block_size) d + block_size * p) scratch.
     """
     n, d = x.shape
-    norms = np.linalg.norm(x, axis=1)
-    inv_norms = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0).astype(np.float32)
     n_blocks = -(-n // block_size)
     bounds = np.arange(n_blocks + 1, dtype=np.int64) * n // n_blocks
-    reach = int(np.ceil(pool_factor * m * n_blocks / n))
+    reach = _pool_reach(bounds, n, max(pool_factor * m, m + 1))
     rng = np.random.default_rng([_STREAM_TAG_BUILD, int(seed), 1])
     row_order = rng.permutation(n)
     perm = rng.permutation(n)
@@ -298,23 +392,44 @@ def _pool_build(
         window_ends = np.where(ahead <= n_blocks, bounds[np.minimum(ahead, n_blocks)], n + bounds[ahead % n_blocks])
     pool_sizes = window_ends - bounds[:-1]
     p_max = int(pool_sizes.max())
-    pool_emb = np.empty((n + p_max, d), np.float32)
-    for lo in range(0, n, 1 << 16):
-        ids = perm[lo : lo + (1 << 16)]
-        pool_emb[lo : lo + ids.size] = x[ids] * inv_norms[ids, None]
-    pool_emb[n:] = pool_emb[:p_max]
+    b_max = int(np.diff(bounds).max())
+    # Longest union of the pool windows of the longest chunk (see _run_guided).
+    max_chunk = max(1, min(_CHUNK_BLOCKS, n_blocks // (2 * max(1, min(num_threads, n_blocks)))))
+    chunk_ends = window_ends[np.minimum(np.arange(n_blocks) + max_chunk, n_blocks) - 1]
+    span_max = int((chunk_ends - bounds[:-1]).max())
     key = _build_key(seed)
     neighbors = np.empty((n, k), _id_dtype(n))
     sims = np.empty((n, k), np.float32)
 
-    def work(j: int) -> None:
-        rows = row_order[bounds[j] : bounds[j + 1]]
-        lo, hi = int(bounds[j]), int(window_ends[j])
-        block = (x[rows] * inv_norms[rows, None]).astype(np.float32, copy=False)
-        scores = block @ pool_emb[lo:hi].T
-        _kernels.topk_pool_block(scores, rows, lo, perm, inv_perm, m, k, key, neighbors, sims)
+    def make_state() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return (
+            np.empty((span_max, d), np.float32),
+            np.empty((b_max, d), np.float32),
+            np.empty(b_max * p_max, np.float32),
+        )
 
-    _run_blocks(n_blocks, work, num_threads)
+    not_finite = []
+
+    def work(first: int, last: int, state: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+        pool_rows, block_rows, score_buf = state
+        lo = int(bounds[first])
+        if _kernels.gather_unit_rows(x, perm, lo, int(window_ends[last - 1]) - lo, pool_rows):
+            not_finite.append(first)  # every row is gathered at least once, as a block row
+        for j in range(first, last):
+            offset, p = int(bounds[j]) - lo, int(pool_sizes[j])
+            rows = row_order[bounds[j] : bounds[j + 1]]
+            b = rows.size
+            if _kernels.gather_unit_rows(x, row_order, int(bounds[j]), b, block_rows):
+                not_finite.append(j)
+            scores = score_buf[: b * p].reshape(b, p)
+            np.matmul(block_rows[:b], pool_rows[offset : offset + p].T, out=scores)
+            _kernels.topk_pool_block(
+                scores, rows, int(bounds[j]), perm, inv_perm, m, k, key, _BAND_Z, neighbors, sims
+            )
+
+    _run_guided(n_blocks, max_chunk, make_state, work, num_threads)
+    if not_finite:
+        raise ValueError(_NOT_FINITE)
     return neighbors, sims, p_max
 
 
@@ -381,11 +496,15 @@ def build_proximity_graph(
         k: out-degree, 1 <= k < N.
         m: candidates per node, k <= m; values >= N - 1 are clipped to N - 1 (exact kNN).
             m == k keeps every candidate: the graph then ignores the embeddings.
-        seed: seed of the candidate draws; same (seed, N, k, m, backend) give the same
-            candidate sets whatever the embeddings.
+        seed: seed of the candidate draws; same (seed, embeddings, k, m, backend,
+            pool_factor, block_size) give the same graph whatever the number of threads. The
+            candidate sets do not depend on the embeddings for "pernode", or for "exact" with
+            m == k; the pool build with m > k couples its draws to the score order (module
+            docstring), so there only their law is embedding-free.
         backend: "auto", "exact", "pernode", "ivf" or "hnsw" (module docstring).
-        pool_factor: pool size p >= pool_factor * m of the candidate-pool build (>= 1; 1.5
-            keeps the matrix product at 1.5x the flops of an [N, d] x [d, m] product).
+        pool_factor: pool size p >= pool_factor * m (and >= m + 1) of the candidate-pool
+            build (>= 1; 1.5 keeps the matrix product at 1.5x the flops of an [N, d] x [d, m]
+            product).
         block_size: nodes per block of the pool build (rows of one matrix product).
         num_threads: threads of the build (default: the CPUs this process may use).
 
@@ -397,15 +516,16 @@ def build_proximity_graph(
             allowed).
 
     Complexity:
-        m < N - 1, "exact": O(N p d) time (dense matrix products) + O(N (p + k)) for the
-        per-node draws and top-k; O(N d + N k) memory (one normalised permuted copy of the
-        bank plus the [N, k] outputs).
+        m < N - 1, "exact": O(N p d) time (dense matrix products) + O(N p) vectorised work and
+        O(N k p / m) draws for the per-node draws and top-k, about 2 gathered bank rows per
+        node; O(N k) memory (the [N, k] outputs and two permutations) plus per-thread scratch
+        of O((p + 16 block_size) d + block_size p) floats.
         m < N - 1, "pernode": O(N m d) time with random row reads.
         m >= N - 1, "exact": O(N^2 d) time, O(threads * 2**24) scratch floats.
         "ivf"/"hnsw": see :func:`_faiss_knn`.
     """
     t0 = time.perf_counter()
-    embeddings, k, m = _validate(embeddings, k, m, backend)
+    embeddings, k, m = _validate(embeddings, k, m, backend, check_finite=False)
     if not pool_factor >= 1.0:
         raise ValueError(f"pool_factor must be >= 1, got {pool_factor}")
     if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
@@ -418,6 +538,8 @@ def build_proximity_graph(
     if backend == "pernode" and exact_knn:
         backend = "exact"
     pool_size = 0
+    if backend in ("ivf", "hnsw") or exact_knn or backend == "pernode":
+        _check_finite(embeddings)  # the pool build checks the rows as it gathers them
     if backend in ("ivf", "hnsw"):
         neighbors, sims = _faiss_knn(normalize_rows(embeddings), k, backend, seed)
         candidates = "all"
@@ -430,7 +552,10 @@ def build_proximity_graph(
         _kernels.topk_independent(normalize_rows(embeddings), m, k, _build_key(seed), neighbors, sims)
         candidates = "independent"
     else:
-        neighbors, sims, pool_size = _pool_build(embeddings, k, m, seed, pool_factor, int(block_size), num_threads)
+        x = embeddings
+        if x.dtype not in (np.float32, np.float64) or not x.dtype.isnative:
+            x = x.astype(np.float32)  # the compiled gather reads float32 or float64
+        neighbors, sims, pool_size = _pool_build(x, k, m, seed, pool_factor, int(block_size), num_threads)
         candidates = "pool"
     return ProximityGraph(
         neighbors=neighbors,

@@ -15,6 +15,12 @@ Randomness: every walk has its own SplitMix64 stream derived from its ``seed`` (
 tuple of ints such as ``(seed, version, step)``), so the same arguments give the same batch,
 whatever else was computed before and however many threads run.
 
+Speed: one walk on a large graph is a chain of dependent cache misses (each move reads the
+row of the node the previous move reached). :func:`rwr_batch` runs the stretches between
+restarts (excursions, all starting from ``start``) side by side, which the counter-based
+generator allows because every restart is known before any row is read; the batch is exactly
+the one-move-at-a-time walk's. :func:`rwr_batches` overlaps whole walks instead.
+
 Walks read ``neighbors`` without checking every entry (that would cost O(N k) per walk); the
 entries must be valid node ids in [0, N). :class:`samplers.plans.BatchPlanner` validates a graph
 once when it is installed.
@@ -43,13 +49,19 @@ def _mix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
+_WALK_KEY_START = _mix64(_STREAM_TAG_WALK)
+
+
 def walk_key(seed: Seed) -> np.uint64:
     """Generator state of the walk with this seed (an int or a tuple of non-negative ints).
 
     The ints are absorbed one by one through the SplitMix64 finaliser; O(len(seed)).
     """
-    entropy = (seed,) if np.ndim(seed) == 0 else tuple(seed)
-    key = _mix64(_STREAM_TAG_WALK)
+    if isinstance(seed, (int, np.integer)):
+        entropy = (seed,)  # fast path: one walk costs a few microseconds, so this matters
+    else:
+        entropy = (seed,) if np.ndim(seed) == 0 else tuple(seed)
+    key = _WALK_KEY_START
     for value in entropy:
         value = int(value)
         if value < 0:
@@ -113,7 +125,8 @@ def rwr_batch(
         the walk hit ``max_steps`` and the last ``n_filled`` ids were drawn uniformly.
 
     Complexity: O(B / (1 - alpha)) expected steps (compiled, O(1) each), at most ``max_steps``;
-    O(B) memory.
+    the excursions run side by side, so a few hundred moves past the end of the walk may be
+    computed and discarded; O(B) memory.
     """
     neighbors = _check_neighbors(neighbors)
     n = neighbors.shape[0]

@@ -222,3 +222,83 @@ def test_save_load_roundtrip_and_stats(tmp_path, random_bank):
     assert 0.0 <= stats["frac_in_degree_zero"] < 0.2
     assert stats["mean_neighbor_similarity"] == pytest.approx(float(graph.similarities.mean()))
     assert stats["bytes_per_node"] == 6 * 8
+
+
+@pytest.mark.parametrize("band_z", [2.5, -3.0])
+def test_pool_neighbour_law_matches_uniform_candidate_sets(monkeypatch, band_z):
+    """With m > k the neighbour set is the top k of a uniform m-subset of the other nodes.
+
+    For node i, let r be the number of other nodes (j excluded) more similar to i than j.
+    Then P(j in N(i)) = m / (N - 1) * P(H <= k - 1) with H ~ Hypergeometric(N - 2, r, m - 1)
+    (j is a candidate, and at most k - 1 of the other m - 1 candidates beat it). The pool
+    build visits candidates in score bands; band_z = -3 makes the first band too small almost
+    always, so the later-band path is checked against the same law.
+    """
+    from scipy.stats import hypergeom
+
+    import samplers.graph as graph_module
+
+    monkeypatch.setattr(graph_module, "_BAND_Z", band_z)
+    n, k, m, seeds = 40, 3, 10, 1500
+    bank = np.random.default_rng(8).normal(size=(n, 5))
+    e = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    sim = e @ e.T
+    expected = np.zeros((n, n))
+    for i in range(n):
+        others = np.delete(np.arange(n), i)
+        for j in others:
+            r = int(np.sum(sim[i, others] > sim[i, j]))
+            expected[i, j] = m / (n - 1) * hypergeom.cdf(k - 1, n - 2, r, m - 1)
+    counts = np.zeros((n, n))
+    for seed in range(seeds):
+        graph = build_proximity_graph(bank, k=k, m=m, seed=seed, block_size=5, pool_factor=2.0, num_threads=1)
+        assert graph.candidates == "pool" and graph.pool_size == 20
+        np.add.at(counts, (np.repeat(np.arange(n), k), graph.neighbors.ravel()), 1)
+    assert np.all(np.diag(counts) == 0)
+    np.testing.assert_allclose(expected.sum(axis=1), k, rtol=1e-9)
+    mean = seeds * expected
+    big = mean >= 5
+    chi2 = np.mean((counts[big] - mean[big]) ** 2 / (mean[big] * (1 - expected[big])))
+    assert big.sum() > 300
+    assert 0.85 < chi2 < 1.15, chi2
+    assert counts[expected == 0].sum() == 0  # nodes that can never be in the top k never are
+
+
+def test_pool_build_accepts_other_float_dtypes(random_bank):
+    a = build_proximity_graph(random_bank, k=5, m=50, seed=1)
+    b = build_proximity_graph(random_bank.astype(np.float64), k=5, m=50, seed=1)
+    c = build_proximity_graph(random_bank.astype(np.float16), k=5, m=50, seed=1)
+    assert np.mean(a.neighbors == b.neighbors) > 0.99
+    assert c.neighbors.shape == (600, 5) and np.isfinite(c.similarities).all()
+    assert not np.any(c.neighbors == np.arange(600)[:, None])
+
+
+@pytest.mark.parametrize("simd", [True, False])
+def test_band_compaction_matches_numpy(simd):
+    """The compress step of the pool kernel (16-lane compress-store or portable loop) returns
+    the positions of the entries >= tau in increasing order, for any row length."""
+    from samplers import _kernels
+
+    rng = np.random.default_rng(2)
+    for p in (1, 15, 16, 17, 100, 1531):
+        row = rng.normal(size=p).astype(np.float32)
+        row[rng.integers(0, p, 3)] = 0.25  # ties with the threshold are kept
+        for tau in (np.float32(-np.inf), np.float32(0.25), np.float32(1.0), np.float32(np.inf)):
+            idx = np.full(p + 16, -7, np.int32)
+            c = _kernels._compact_ge(row, tau, idx, simd)
+            np.testing.assert_array_equal(idx[:c], np.flatnonzero(row >= tau))
+
+
+@pytest.mark.parametrize("m", [40, 599])
+def test_non_finite_row_raises_on_every_path(random_bank, m):
+    """The pool build checks finiteness while it gathers rows (no separate pass); the exact
+    path checks up front. Either way a single inf or NaN anywhere raises."""
+    for bad in (np.inf, -np.inf, np.nan):
+        x = random_bank.copy()
+        x[417, 3] = bad
+        with pytest.raises(ValueError, match="finite"):
+            build_proximity_graph(x, k=5, m=m, seed=1)
+    huge = random_bank.astype(np.float64)
+    huge[5] = 1e200  # finite, but its squared norm overflows: treated as a zero row
+    graph = build_proximity_graph(huge, k=5, m=40, seed=1)
+    assert np.isfinite(graph.similarities).all() and np.all(graph.similarities[5] == 0.0)

@@ -6,6 +6,7 @@ import numba
 import numpy as np
 import pytest
 
+from samplers import _kernels
 from samplers.graph import build_proximity_graph
 from samplers.plans import BatchPlanner
 from samplers.rwr import random_walk_with_restart, rwr_batch, rwr_batches
@@ -173,3 +174,46 @@ def test_two_cluster_purity(two_clusters):
     share = np.array([np.mean(cluster[p.ravel()]) for p in plans])
     assert abs(share.mean() - 0.5) < 0.05
     assert np.mean(np.abs(share - 0.5)) < 0.1
+
+
+def _sequential_walk(nb: np.ndarray, start: int, size: int, threshold: np.uint64, max_steps: int, key: np.uint64):
+    """The plain one-chain kernel (walk_into), the reference of the overlapped one."""
+    table_size = 16
+    while table_size < 2 * size:
+        table_size *= 2
+    shift = np.uint64(64 - int(np.log2(table_size)))
+    out = np.empty(size, np.int64)
+    filled, steps = _kernels.walk_into(nb, np.int64(start), threshold, max_steps, key, out, np.empty(table_size, np.int64), shift)
+    return out, filled, steps, shift, table_size
+
+
+def test_overlapped_walk_equals_sequential_walk():
+    """walk_one overlaps the excursions of one walk; ids, fill counts and steps must be those of
+    the one-chain kernel, whatever the lanes and look-ahead (trapped walks and step caps too)."""
+    rng = np.random.default_rng(3)
+    for trial in range(400):
+        n = int(rng.integers(2, 150))
+        k = int(rng.integers(1, 9))
+        nb = rng.integers(0, n, size=(n, k))
+        if trial % 3 == 0 and n >= 3:
+            nb[:3] = rng.integers(0, 3, size=(3, k))  # a closed component
+        nb = nb.astype(np.int32 if trial % 2 else np.int64)
+        size = int(rng.integers(1, n + 1))
+        alpha = float(rng.choice([0.0, 0.1, 0.5, 0.95]))
+        threshold = np.uint64(int(alpha * 2**32))
+        max_steps = int(rng.choice([0, 3, 40, 100 * size]))
+        key = np.uint64(rng.integers(0, 2**63))
+        start = int(rng.integers(0, n))
+        ref, ref_filled, ref_steps, shift, table_size = _sequential_walk(nb, start, size, threshold, max_steps, key)
+        ids, filled, steps = _kernels.walk_one(nb, np.int64(start), size, threshold, max_steps, key)
+        np.testing.assert_array_equal(ids, ref)
+        assert (filled, steps) == (ref_filled, ref_steps)
+        lanes, ahead = int(rng.integers(1, 6)), int(rng.choice([1, 2, 3, 8, 64]))
+        ring = 1 << int(np.ceil(np.log2(ahead)))
+        out = np.empty(size, np.int64)
+        got = _kernels.walk_into_overlapped(
+            nb, np.int64(start), threshold, max_steps, key, out, np.empty(table_size, np.int64), shift,
+            np.empty(ring, np.int64), lanes, ahead,
+        )
+        np.testing.assert_array_equal(out, ref)
+        assert got == (ref_filled, ref_steps)
