@@ -36,3 +36,22 @@ def stop_group(pgid: int, grace_s: float = 10.0, leader: Optional[subprocess.Pop
             except ProcessLookupError:
                 return
             time.sleep(0.5)
+
+
+def run_cli(cmd: list[str], *, timeout: float, **popen_kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True)`` in a new process group.
+
+    On timeout the whole group is stopped (the driver and the local Ray it started: killing
+    only the driver leaves raylet and its agents running) and the test fails with the tail of
+    what the command printed, so a slow or stuck run shows where it was.
+    """
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **popen_kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_group(proc.pid, leader=proc)
+        out, err = proc.communicate()
+        raise AssertionError(f"{' '.join(cmd[:4])} ... still running after {timeout:.0f} s; "
+                             f"stdout tail:\n{out[-3000:]}\nstderr tail:\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+
+from _procs import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,7 +21,7 @@ def test_smoke_run_logs_a_learning_run(tmp_path):
     cmd = [sys.executable, "-m", "pipelines.cli", "run", str(ROOT / "configs/smoke.yaml"),
            "--set", f"storage.path={tmp_path / 'results'}", "--set", f"tracking.uri=sqlite:///{db}",
            "--set", "tracking.run_name=e2e-smoke"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_cli(cmd, cwd=tmp_path, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "MLflow run id:" in proc.stdout and "mlflow ui --backend-store-uri" in proc.stdout
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+
+from _procs import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -30,7 +31,7 @@ def _sweep(tmp_path: Path, config: str, losses: list[str], *overrides: str) -> t
            "--set", f"storage.path={tmp_path / 'results'}", "--name", "losses", "--set", "tracking.experiment=losses"]
     for item in overrides:
         cmd += ["--set", item]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    proc = run_cli(cmd, cwd=tmp_path, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert f"sweep losses: {len(losses)} finished, 0 failed" in proc.stdout
     client = MlflowClient(uri)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from _procs import free_port, stop_group
+from _procs import free_port, run_cli, stop_group
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's mlflow and hardbatch
@@ -73,7 +73,7 @@ def test_job_logs_to_mlflow_server(mlflow_server, tmp_path):
     env["MLFLOW_TRACKING_URI"] = url
     cmd = [str(BIN / "hardbatch"), "run", str(ROOT / "configs/smoke.yaml"), "--set", "train.epochs=2",
            "--set", f"storage.path={tmp_path / 'results'}", "--set", "tracking.run_name=e2e-server"]
-    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=540)
+    proc = run_cli(cmd, cwd=work, env=env, timeout=540)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"--backend-store-uri {url}" in proc.stdout
     assert not (work / "mlflow.db").exists() and not (work / "mlruns").exists()  # nothing fell back to files

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from _procs import run_cli
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -34,8 +36,8 @@ def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, flo
 
 @pytest.mark.e2e
 def test_sync_refresh_activates_each_version_at_its_epoch_boundary(tmp_path):
-    proc = subprocess.run(_cmd(tmp_path, "refresh.mode=sync", "tracking.run_name=sync"), cwd=tmp_path,
-                          env=_env(), capture_output=True, text=True, timeout=600)
+    proc = run_cli(_cmd(tmp_path, "refresh.mode=sync", "tracking.run_name=sync"), cwd=tmp_path, env=_env(),
+                   timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.search_runs([client.get_experiment_by_name("hardbatch-smoke").experiment_id])[0]
@@ -76,7 +78,7 @@ def test_resume_after_crash_continues_on_the_persisted_graph_version(tmp_path):
     before = json.loads((run_dir / "sampler_state.json").read_text())["versions"]
     assert len(before) >= 2
 
-    second = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    second = run_cli(cmd, cwd=tmp_path, env=_env(), timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming run crash" in second.stdout
     assert (run_dir / "graphs" / "v0000.npz").stat().st_mtime == v0_mtime  # not rebuilt from scratch

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import csv
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+
+from _procs import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -19,11 +20,11 @@ BIN = Path(sys.executable).parent
 def test_sweep_two_variants_then_compare(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    sweep = subprocess.run(
+    sweep = run_cli(
         [str(BIN / "hardbatch"), "sweep", str(ROOT / "configs/smoke.yaml"), "--grid", "sampler.name=uniform,rwr",
          "--set", "train.epochs=2", "--set", f"tracking.uri={uri}", "--set", f"storage.path={tmp_path / 'results'}",
          "--name", "e2e-sweep"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        cwd=tmp_path, env=env, timeout=600)
     assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
     assert "sweep e2e-sweep: 2 finished, 0 failed" in sweep.stdout
 
@@ -38,10 +39,10 @@ def test_sweep_two_variants_then_compare(tmp_path):
                for r in children)
 
     out = tmp_path / "report"
-    compare = subprocess.run(
+    compare = run_cli(
         [str(BIN / "hardbatch"), "compare", "--experiment", "hardbatch-smoke", "--out", str(out),
          "--tracking-uri", uri],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        cwd=tmp_path, env=env, timeout=300)
     assert compare.returncode == 0, compare.stdout[-3000:] + compare.stderr[-3000:]
     table = compare.stdout
     assert "best eval/knn_acc" in table and "samples/s" in table
