@@ -539,7 +539,7 @@ def _topk_masked(vals, keep, n_vals, k, hist, keys, out_v, out_i):
     hi = _max_of(vals, n_vals)
     cut = _bucket(hi, scale, top)
     above = 0
-    while above + hist[cut] < k:
+    while cut > 0 and above + hist[cut] < k:  # cut > 0 only guards against NaN scores
         above += hist[cut]
         cut -= 1
     total = 0
@@ -1031,13 +1031,32 @@ def _squared_norm(x, i):
     return total, check
 
 
+@nb.njit(inline="always")
+def _unit_row_scaled(x, i, out_row):
+    """out_row = x[i] / ||x[i]|| for a finite row of extreme scale (zeros for a zero row)."""
+    peak = 0.0
+    for t in range(x.shape[1]):
+        peak = max(peak, abs(np.float64(x[i, t])))
+    if peak == 0.0:
+        out_row[:] = 0.0
+        return
+    total = 0.0
+    for t in range(x.shape[1]):
+        value = np.float64(x[i, t]) / peak
+        total += value * value
+    scale = 1.0 / np.sqrt(total)
+    for t in range(x.shape[1]):
+        out_row[t] = np.float32(np.float64(x[i, t]) / peak * scale)
+
+
 @nb.njit(nogil=True, cache=True)
 def gather_unit_rows(x, order, start, count, out):
     """out[q] = x[order[(start + q) % N]] / its norm, as float32 (zero rows stay zero).
 
     Rows are read in random order, so the rows ``_GATHER_AHEAD`` ahead are prefetched. A row
-    holding a NaN or an inf is written as zeros and counted (the caller raises); a finite row
-    whose squared norm overflows float64 is written as zeros too.
+    holding a NaN or an inf is written as zeros and counted (the caller raises). A finite row
+    whose float64 sum of squares overflows or loses precision to underflow (entries beyond
+    about 1e145 or below about 1e-145) is redone after division by its largest absolute value.
 
     Returns:
         The number of non-finite rows met.
@@ -1064,10 +1083,14 @@ def gather_unit_rows(x, order, start, count, out):
             bad += 1
             out[q, :] = 0.0
             continue
-        scale = 1.0 / np.sqrt(total) if total > 0 else 0.0
-        for t in range(d):
-            out[q, t] = np.float32(x[i, t] * scale)
+        if 1e-290 < total < 1e290:
+            scale = 1.0 / np.sqrt(total)
+            for t in range(d):
+                out[q, t] = np.float32(x[i, t] * scale)
+        else:
+            _unit_row_scaled(x, i, out[q])
     return bad
+
 
 
 @nb.njit(parallel=True, cache=True)

@@ -80,6 +80,7 @@ _CHUNK_BLOCKS = 16  # most consecutive blocks sharing one gathered pool window (
 _BAND_Z = 2.5  # first score band of a node holds k kept candidates with ~2.5 sd to spare (speed only)
 _STREAM_TAG_BUILD = 0x6B4E4E  # separates the build's random streams from other users of a seed
 _NOT_FINITE = "embeddings must be finite, found NaN or inf values"
+_SAFE_NORM_LOW, _SAFE_NORM_HIGH = 1e-15, 1e15  # float32 norms computed exactly enough in float32
 
 
 @dataclass(frozen=True)
@@ -239,10 +240,27 @@ def _check_finite(embeddings: np.ndarray) -> None:
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
-    """float32 copy of ``x`` with unit-norm rows; zero rows stay zero. O(N d)."""
-    out = np.asarray(x, dtype=np.float32).copy()
-    norms = np.linalg.norm(out, axis=1, keepdims=True)
-    np.divide(out, norms, out=out, where=norms > 0)
+    """float32 copy of finite ``x`` with unit-norm rows; zero rows stay zero. O(N d).
+
+    Norms are taken in float32, whose sum of squares overflows above about 1e19 and underflows
+    below about 1e-19. Rows whose float32 norm falls outside [1e-15, 1e15] (tiny, huge, or
+    beyond float32's range in a float64 input) are redone in float64 after division by their
+    largest absolute value, so a row's direction survives any finite scale.
+    """
+    src = np.asarray(x)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        out = src.astype(np.float32)  # always a copy: src may hold other dtypes or be read-only
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+    safe = (norms >= _SAFE_NORM_LOW) & (norms <= _SAFE_NORM_HIGH)
+    np.divide(out, norms, out=out, where=safe)
+    risky = np.flatnonzero(~safe[:, 0])
+    if risky.size:
+        rows = src[risky].astype(np.float64)
+        peak = np.abs(rows).max(axis=1, keepdims=True)
+        np.divide(rows, peak, out=rows, where=peak > 0)
+        length = np.linalg.norm(rows, axis=1, keepdims=True)
+        np.divide(rows, length, out=rows, where=length > 0)
+        out[risky] = rows
     return out
 
 
@@ -526,6 +544,8 @@ def build_proximity_graph(
     """
     t0 = time.perf_counter()
     embeddings, k, m = _validate(embeddings, k, m, backend, check_finite=False)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if not pool_factor >= 1.0:
         raise ValueError(f"pool_factor must be >= 1, got {pool_factor}")
     if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:

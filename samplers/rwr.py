@@ -63,9 +63,9 @@ def walk_key(seed: Seed) -> np.uint64:
         entropy = (seed,) if np.ndim(seed) == 0 else tuple(seed)
     key = _WALK_KEY_START
     for value in entropy:
-        value = int(value)
-        if value < 0:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise ValueError(f"seed must be non-negative integers, got {seed!r}")
+        value = int(value)
         key = _mix64((key ^ _mix64((value + 0x9E3779B97F4A7C15) & _MASK64)) & _MASK64)
     return np.uint64(key)
 
@@ -92,7 +92,9 @@ def _check_walk_args(
         raise ValueError(f"batch_size must be an integer, got {batch_size!r}")
     if not 1 <= batch_size <= num_nodes:
         raise ValueError(f"batch_size must be in [1, N={num_nodes}], got {batch_size}")
-    if not (isinstance(restart_prob, (int, float, np.floating, np.integer)) and 0.0 <= restart_prob < 1.0):
+    if isinstance(restart_prob, bool) or not (
+        isinstance(restart_prob, (int, float, np.floating, np.integer)) and 0.0 <= restart_prob < 1.0
+    ):
         raise ValueError(f"restart_prob must be in [0, 1) (1 never terminates), got {restart_prob!r}")
     if max_steps is None:
         max_steps = DEFAULT_STEPS_PER_NODE * int(batch_size)
@@ -131,8 +133,8 @@ def rwr_batch(
     neighbors = _check_neighbors(neighbors)
     n = neighbors.shape[0]
     batch_size, threshold, max_steps = _check_walk_args(n, batch_size, restart_prob, max_steps)
-    if not 0 <= int(start) < n:
-        raise ValueError(f"start must be a node id in [0, {n}), got {start}")
+    if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or not 0 <= start < n:
+        raise ValueError(f"start must be an integer node id in [0, {n}), got {start!r}")
     ids, filled, _ = _kernels.walk_one(neighbors, np.int64(start), batch_size, threshold, max_steps, walk_key(seed))
     return ids, int(filled)
 

@@ -298,7 +298,31 @@ def test_non_finite_row_raises_on_every_path(random_bank, m):
         x[417, 3] = bad
         with pytest.raises(ValueError, match="finite"):
             build_proximity_graph(x, k=5, m=m, seed=1)
-    huge = random_bank.astype(np.float64)
-    huge[5] = 1e200  # finite, but its squared norm overflows: treated as a zero row
-    graph = build_proximity_graph(huge, k=5, m=40, seed=1)
-    assert np.isfinite(graph.similarities).all() and np.all(graph.similarities[5] == 0.0)
+
+
+@pytest.mark.parametrize("backend, m", [("exact", 40), ("exact", 599), ("pernode", 40), ("hnsw", 599), ("ivf", 599)])
+def test_graph_ignores_the_scale_of_rows(random_bank, backend, m):
+    """Cosine ignores scale, so rescaling rows by any finite factor leaves the graph unchanged:
+    also where a float32 sum of squares over- or underflows (|x| ~ 1e20, 1e-25), where a float64
+    one does (1e200, 1e-300, 1e160), and beyond float32's range in a float64 bank."""
+    rows = [3, 17, 101, 250, 333, 598]
+    base = build_proximity_graph(random_bank, k=5, m=m, seed=1, backend=backend)
+    scaled32 = random_bank.copy()
+    scaled32[rows[:2]] *= np.array([[1e20], [1e-25]], np.float32)
+    scaled64 = random_bank.astype(np.float64)
+    scaled64[rows] *= np.array([1e20, 1e-25, 1e200, 1e-300, 1e160, 1e-160])[:, None]
+    for bank in (scaled32, scaled64):
+        graph = build_proximity_graph(bank, k=5, m=m, seed=1, backend=backend)
+        assert np.isfinite(graph.similarities).all()
+        # equal up to rounding: unit rows may differ in the last bit, which can reorder near ties
+        assert np.mean(graph.neighbors == base.neighbors) > 0.98, backend
+        same = np.all(graph.neighbors == base.neighbors, axis=1)
+        np.testing.assert_allclose(graph.similarities[same], base.similarities[same], atol=1e-5)
+        assert np.all(same[rows[:2]]) and (bank is scaled32 or np.all(same[rows]))
+
+
+def test_seed_must_be_a_non_negative_integer(random_bank):
+    for seed in (-1, 1.5, True, "0"):
+        for m in (40, 599):
+            with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+                build_proximity_graph(random_bank, k=5, m=m, seed=seed)

@@ -153,6 +153,15 @@ def test_invalid_walk_arguments_raise():
         random_walk_with_restart(np.zeros((5, 1)), 0, 3, 0.1, seed=0)
     with pytest.raises(ValueError, match="seeds"):
         rwr_batches(nb, [0, 1], 3, 0.1, [0])
+    for start in (2.7, True, "1"):  # no silent truncation of a fractional start
+        with pytest.raises(ValueError, match="start must be an integer node id"):
+            random_walk_with_restart(nb, start, 3, 0.1, seed=0)
+    for seed in (1.5, -1, (0, -2), True):
+        with pytest.raises(ValueError, match="seed"):
+            random_walk_with_restart(nb, 0, 3, 0.1, seed=seed)
+    with pytest.raises(ValueError, match="restart_prob"):
+        random_walk_with_restart(nb, 0, 3, False, seed=0)
+    assert random_walk_with_restart(nb, np.int32(2), 3, np.float32(0.1), seed=np.uint64(4))[0] == 2
 
 
 def test_two_cluster_purity(two_clusters):
