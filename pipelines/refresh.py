@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import numpy as np
 import ray
+from ray.util.debug import log_once
 
 from pipelines.datasets import SampleStore
 from pipelines.embed import embed_store_x
@@ -51,6 +52,11 @@ class _Refresher:
         self.seed = seed
         self._last: Optional[tuple[np.ndarray, np.ndarray]] = None  # embeddings, neighbours
         self.load_latest()
+        # Ray Data warns "no available CPUs ... will hang" (once per process) whenever it starts
+        # while every CPU is held, e.g. while the previous pool's actor is still being released.
+        # The pool's CPUs are reserved apart from the train workers' (README: Sizing), so the
+        # warning is a false alarm here; mark it as already logged.
+        log_once("cpu_warning")
 
     def next_version(self) -> int:
         existing = sorted(self.graph_dir.glob("v*.npz"))
