@@ -73,8 +73,14 @@ class GraphVersion:
 
 
 def neighbors_checksum(neighbors: np.ndarray) -> int:
-    """CRC32 of the neighbour table's bytes (identifies a version on restore). O(N k)."""
-    return zlib.crc32(np.ascontiguousarray(neighbors).view(np.uint8).data)
+    """CRC32 of the neighbour ids (identifies a version on restore). O(N k).
+
+    The ids are hashed as little-endian int32 (int64 from 2**31 nodes on), so one table held in
+    any integer dtype or byte order has one checksum; int32 tables, what the build returns, are
+    hashed without a copy.
+    """
+    dtype = "<i4" if neighbors.shape[0] < 2**31 else "<i8"
+    return zlib.crc32(np.ascontiguousarray(neighbors, dtype=dtype).view(np.uint8).data)
 
 
 def _as_neighbors(graph: ProximityGraph | np.ndarray, num_nodes: int) -> np.ndarray:

@@ -99,8 +99,15 @@ def test_state_roundtrip_serves_identical_plans(graphs, tmp_path):
     restored = BatchPlanner.from_state(state, {v: type(graphs[v]).load(p) for v, p in paths.items()})
     for s in (0, 5, 12, 24, 25, 60, 300):
         np.testing.assert_array_equal(restored.plan(s), planner.plan(s))
+    # the same tables in another integer dtype or byte order are the same versions
+    other = {v: graphs[v].neighbors.astype(dtype) for v, dtype in ((0, np.int64), (1, ">i8"))}
+    assert graphs[0].neighbors.dtype == np.int32
+    for s in (0, 25, 60):
+        np.testing.assert_array_equal(BatchPlanner.from_state(state, other).plan(s), planner.plan(s))
     with pytest.raises(ValueError, match="checksum"):
         BatchPlanner.from_state(state, {0: graphs[0], 1: graphs[2]})
+    with pytest.raises(ValueError, match="checksum"):
+        BatchPlanner.from_state(state, {0: graphs[0], 1: graphs[2].neighbors.astype(np.int64)})
     with pytest.raises(ValueError, match="missing version 1"):
         BatchPlanner.from_state(state, {0: graphs[0]})
 
