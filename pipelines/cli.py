@@ -1,4 +1,4 @@
-"""The ``hardbatch`` command line.
+"""hardbatch: contrastive training on Ray with batches drawn from a proximity graph.
 
     hardbatch run CONFIG [--set key=value ...]       train, log to MLflow
     hardbatch validate CONFIG [--set key=value ...]  check a config without starting Ray
@@ -71,9 +71,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"hardbatch: config error: {err}", file=sys.stderr)
         return 2
     if args.command == "validate":
+        from trainers.tracking import resolve_tracking_uri
+
+        # what a run will use: the selected loss with its defaults, the store's resolved URI
+        selected = f"loss.{config.loss.name}."
         print(f"{args.config}: valid")
         for key, value in config.flat().items():
-            print(f"  {key} = {value}")
+            if key.startswith(selected):
+                continue
+            print(f"  {key} = {resolve_tracking_uri(value) if key == 'tracking.uri' else value}")
+            if key == "loss.name":
+                for name, setting in config.loss.settings().items():
+                    print(f"  {selected}{name} = {setting}")
         return 0
     from pipelines.run import run
 

@@ -32,10 +32,10 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     source: str = Field("builtin:digits", description="dataset: " + ", ".join(sources.SOURCES))
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="held-out fraction for evaluation")
-    split_seed: int = Field(0, description="seed of the fixed held-out split")
+    split_seed: int = Field(0, ge=0, description="seed of the fixed held-out split")
     num_samples: int = Field(4000, ge=10, description="generated sources: number of pairs")
     dim: int = Field(8, ge=1, description="generated:gaussian: dimension of u and of v")
-    seed: int = Field(0, description="generated sources: seed of the data")
+    seed: int = Field(0, ge=0, description="generated sources: seed of the data")
 
     @field_validator("source")
     @classmethod
@@ -76,7 +76,7 @@ class TrainConfig(_Section):
     lr: float = Field(2e-3, gt=0, description="base learning rate for the global batch (AdamW)")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
     warmup_epochs: float = Field(1.0, ge=0, description="linear learning-rate warm-up, then cosine decay")
-    seed: int = Field(0, description="seed of the model, the augmentations and the batch plans")
+    seed: int = Field(0, ge=0, description="seed of the model, the augmentations and the batch plans")
     log_every_steps: int = Field(5, ge=1, description="MLflow/progress logging period in steps")
     max_failures: int = Field(1, ge=0, description="worker-group restarts Ray Train may attempt")
 
@@ -143,14 +143,23 @@ class LossConfig(_Section):
             return None
         return options.model_validate({k: v for k, v in self.section(name).items() if k in options.model_fields})
 
+    def settings(self, name: Optional[str] = None) -> dict[str, Any]:
+        """Every setting of a loss with its defaults filled in: the loss's constructor arguments,
+        then its training options (``noise`` stays ``None`` here when the driver derives it)."""
+        from trainers.losses import LOSSES
+
+        name = name or self.name
+        options = self.training(name)
+        return {**LOSSES[name].params(), **self.hyperparameters(name), **(options.model_dump() if options else {})}
+
     @model_validator(mode="after")
     def _check_sections(self) -> "LossConfig":
         from trainers.losses import LOSSES  # torch, not Ray: validation stays Ray-free
 
         for name, section in (self.model_extra or {}).items():
             if name not in LOSS_NAMES:
-                close = difflib.get_close_matches(name, LOSS_NAMES, n=1, cutoff=0.5)
-                hint = (f"did you mean 'loss.{close[0]}'?" if close else
+                close = _closest(name, ["name", *LOSS_NAMES])
+                hint = (f"did you mean 'loss.{close}'?" if close else
                         f"loss settings go under loss.<name> for a name in {', '.join(LOSS_NAMES)}, "
                         f"e.g. loss.infonce.temperature")
                 raise ValueError(f"unknown config key 'loss.{name}'; {hint}")
@@ -163,9 +172,14 @@ class LossConfig(_Section):
             allowed = [*cls.params(), *sorted(option_keys)]
             for key in section:
                 if key not in allowed:
-                    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
-                    hint = f"did you mean 'loss.{name}.{close[0]}'?" if close else f"valid: {', '.join(allowed)}"
+                    close = _closest(str(key), allowed)
+                    hint = f"did you mean 'loss.{name}.{close}'?" if close else f"valid: {', '.join(allowed)}"
                     raise ValueError(f"unknown config key 'loss.{name}.{key}'; {hint}")
+            noise = section.get("noise")
+            if noise is not None and not (isinstance(noise, list) and noise and all(
+                    isinstance(q, (int, float)) and not isinstance(q, bool) for q in noise)):
+                raise ValueError(f"loss.{name}.noise = {noise!r}: must be a list of class probabilities, "
+                                 f"one per class, e.g. [0.1, 0.1, ...]")
             if "noise" in section and "noise_from" in section:
                 raise ValueError(f"loss.{name}.noise and loss.{name}.noise_from both set the noise "
                                  "distribution; give one")
@@ -185,7 +199,7 @@ class LossConfig(_Section):
                     first = err.errors()[0]
                     key = ".".join(str(p) for p in first["loc"])
                     raise ValueError(f"loss.{name}.{key} = {first.get('input')!r}: "
-                                     f"{first['msg'].removeprefix('Input should be ')}") from None
+                                     f"{_must(first['msg'])}") from None
         return self
 
 
@@ -236,6 +250,31 @@ class TrackingConfig(_Section):
     experiment: str = Field("hardbatch", min_length=1, description="MLflow experiment name")
     run_name: Optional[str] = Field(None, description="MLflow run name (default: generated)")
 
+    @field_validator("uri")
+    @classmethod
+    def _a_uri(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            check_tracking_uri(value)
+        return value
+
+    @field_validator("run_name")
+    @classmethod
+    def _a_plain_name(cls, value: Optional[str]) -> Optional[str]:
+        # it names the run's directory under storage.path, so it must stay inside it
+        if value is not None and (not value.strip() or value in (".", "..") or any(c in value for c in "/\\\0")):
+            raise ValueError("must be a plain name: not empty, no '/' or '\\', not '.' or '..' "
+                             "(it names the run's directory under storage.path)")
+        return value
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Refuse what MLflow 3 cannot track to: plain paths and ``file:`` stores (its file store raises)."""
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if uri != "databricks" and (not scheme or scheme == "file"):
+        raise ValueError("must be a tracking URI such as sqlite:///mlflow.db (a path after sqlite:/// is "
+                         "relative to the working directory) or http://127.0.0.1:5000; MLflow 3 has no "
+                         "plain-path or file: store")
+
 
 class RayConfig(_Section):
     num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of a local Ray (default: this machine's)")
@@ -277,6 +316,12 @@ class Config(_Section):
             raise ValueError(
                 f"loss.name = 'soft_infonce' trains a classifier: data.source must have labels "
                 f"({', '.join(sorted(sources.LABELLED - sources.PAIRED))}), got {source!r}")
+        noise = self.loss.section("soft_infonce").get("noise")
+        classes = sources.NUM_CLASSES.get(source)
+        if kind == "classifier" and noise is not None and classes is not None and len(noise) != classes:
+            raise ValueError(
+                f"loss.soft_infonce.noise has {len(noise)} entries: data.source = {source!r} has {classes} "
+                f"classes, so it needs one probability per class")
         if self.train.batch_size // self.train.num_workers < 2:
             raise ValueError(
                 f"train.batch_size = {self.train.batch_size} gives fewer than 2 samples per worker "
@@ -328,12 +373,19 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     raw: dict[str, Any] = {}
     if path is not None:
         file = Path(path)
+        if file.is_dir():
+            raise ConfigError(f"config file {str(path)!r} is a directory; give a YAML file, e.g. configs/digits.yaml")
         if not file.is_file():
             raise ConfigError(f"config file not found: {str(path)!r}")
         try:
-            loaded = yaml.safe_load(file.read_text())
+            loaded = yaml.load(file.read_text(encoding="utf-8"), Loader=_StrictLoader)
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {err.start}: "
+                              f"{err.object[err.start:err.start + 1]!r})") from None
+        except OSError as err:
+            raise ConfigError(f"config file {str(path)!r} cannot be read: {err.strerror}") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(err)}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -351,6 +403,34 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     return validate(raw)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML keeps the last one
+    silently, which would drop the first section's settings)."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            mark = key_node.start_mark
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} given twice in one section (also on line {seen[key]}); keep one", mark)
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: what the YAML parser found and where (line and column, 1-based)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
+
+
 def validate(raw: dict[str, Any]) -> Config:
     """Validate a nested mapping into a frozen :class:`Config`, turning errors into one clear line."""
     try:
@@ -358,9 +438,37 @@ def validate(raw: dict[str, Any]) -> Config:
     except ValidationError as err:
         raise ConfigError(_describe(err, raw)) from None
     _check_dataset_bounds(config)
+    if config.tracking.uri is None and os.environ.get("MLFLOW_TRACKING_URI"):
+        try:
+            check_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+        except ValueError as err:
+            raise ConfigError(f"$MLFLOW_TRACKING_URI = {os.environ['MLFLOW_TRACKING_URI']!r}: {err}") from None
     if not os.environ.get("RAY_ADDRESS"):  # a remote cluster is checked once connected
         check_resources(config, local_cpus(config))
+        if config.train.use_gpu or config.refresh.num_gpus:
+            check_gpus(config, local_gpus())
     return config
+
+
+def local_gpus() -> int:
+    """GPUs a local Ray started by this job will see (CUDA devices visible to torch)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def check_gpus(config: Config, gpus: float) -> None:
+    """GPU requests (one per train worker with ``train.use_gpu``, ``refresh.num_gpus`` per embedding
+    actor) must fit in ``gpus``, or Ray would wait for them forever."""
+    wanted = config.train.num_workers * config.train.use_gpu + config.refresh.pool_size * config.refresh.num_gpus
+    if wanted > gpus:
+        asked = [f"train.use_gpu = true ({config.train.num_workers} workers x 1)"] if config.train.use_gpu else []
+        if config.refresh.num_gpus:
+            asked.append(f"refresh.num_gpus = {config.refresh.num_gpus:g} x {config.refresh.pool_size} actors")
+        raise ConfigError(f"{' and '.join(asked)}: {wanted:g} GPUs wanted, a local Ray will have {gpus:g} "
+                          f"(run on a GPU machine or a cluster via RAY_ADDRESS, or turn them off)")
 
 
 def local_cpus(config: Config) -> int:
@@ -415,18 +523,51 @@ def _describe(err: ValidationError, raw: dict[str, Any]) -> str:
     loc = ".".join(str(part) for part in first["loc"])
     kind = first["type"]
     if kind == "extra_forbidden":
-        close = difflib.get_close_matches(loc, valid_keys(), n=1, cutoff=0.5)
-        hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid_keys())}"
-        return f"unknown config key {loc!r}{hint}"
+        return f"unknown config key {loc!r}; {_key_hint([str(part) for part in first['loc']])}"
+    if kind == "model_type" and len(first["loc"]) == 1:  # `train: 3` instead of a section
+        keys = [k for k in valid_keys() if k.startswith(f"{loc}.")]
+        return f"{loc} = {first.get('input')!r}: must be a section (a mapping) of {', '.join(keys)}"
     message = first["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, "):]
     if kind == "literal_error":
         message = "must be one of " + message.removeprefix("Input should be ")
+    message = _must(message)
     if not loc or isinstance(first.get("input"), dict):  # cross-field checks name their fields
         return message
     value = first.get("input", _lookup(raw, first["loc"]))
     return f"{loc} = {value!r}: {message}"
+
+
+def _must(message: str) -> str:
+    """pydantic's "Input should be less than 1" as "must be less than 1"."""
+    return "must be " + message[len("Input should be "):] if message.startswith("Input should be ") else message
+
+
+def _closest(word: str, options: list[str]) -> Optional[str]:
+    """The option a typo most likely meant: one it starts (``ema`` -> ``ema_base``), else the
+    closest by difflib, else ``None``."""
+    prefixed = [option for option in options if option.startswith(word)] if len(word) >= 3 else []
+    if len(prefixed) == 1:
+        return prefixed[0]
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
+def _key_hint(parts: list[str]) -> str:
+    """A hint for an unknown key: the section first (``trian.epochs`` -> ``train.epochs``), then
+    the key within it; failing both, the section's own keys (or the sections)."""
+    sections = list(Config.model_fields)
+    section, rest = parts[0], parts[1:]
+    if section not in sections:
+        close = _closest(section, sections)
+        if close is None:
+            return f"sections: {', '.join(sections)}"
+        guess = ".".join([close, *rest])
+        return f"did you mean {guess!r}?" if guess in valid_keys() else f"did you mean section {close!r}?"
+    own = [k.split(".", 1)[1] for k in valid_keys() if k.startswith(f"{section}.")]
+    close = _closest(".".join(rest), own)
+    return f"did you mean '{section}.{close}'?" if close else f"{section} keys: {', '.join(own)}"
 
 
 def _lookup(raw: Any, loc: tuple) -> Any:

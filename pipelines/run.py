@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -151,16 +152,18 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
     from trainers.models import build_network, save_weights
     from trainers.tracking import RunTracker
 
+    t_called = time.perf_counter()
     uri = resolve_tracking_uri(config.tracking.uri)
     run_name = config.tracking.run_name or (
         f"{config.loss.name}-{config.sampler.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = Path(config.storage.path).resolve() / run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"storage.path = {config.storage.path!r}: cannot create {str(run_dir)!r} "
+                          f"({err.strerror})") from None
 
-    init_ray(config)
-    cluster_cpus = float(ray.cluster_resources().get("CPU", 0))
-    check_resources(config, cluster_cpus)
-
+    # Checked before Ray starts: re-running a run name continues that run unless it finished.
     run_file = run_dir / "run.json"
     resume = run_file.exists()
     if resume:  # the same run name again: continue the run that crashed
@@ -171,6 +174,12 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
         if client.get_run(run_id).info.status == "FINISHED":
             raise ConfigError(f"tracking.run_name = {run_name!r}: that run already finished "
                               f"({run_dir}); choose another run name")
+
+    init_ray(config)
+    cluster_cpus = float(ray.cluster_resources().get("CPU", 0))
+    check_resources(config, cluster_cpus)
+
+    if resume:
         client.update_run(run_id, status="RUNNING")
         _print(f"resuming run {run_name} ({run_id}) from its last checkpoint and graph version")
     else:
@@ -257,10 +266,18 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
         for actor in actors:  # the run is over; its state is on disk
             ray.kill(actor, no_restart=True)
     headline = next((k for k in ("eval/knn_acc", "eval/retrieval_acc", "eval/accuracy") if k in final), None)
-    _print(f"done in {wall:.0f} s" + (f": {headline} {final[headline]:.4f}" if headline else ""))
+    total = time.perf_counter() - t_called
+    _print((f"done: {headline} {final[headline]:.4f}, " if headline else "done: ")
+           + f"{wall:.0f} s of training, {total:.0f} s in all with Ray start-up")
     _print(f"MLflow run id: {run_id}")
-    _print(f"open the MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
+    _print(f"open the MLflow UI: {_mlflow_command()} ui --backend-store-uri {uri} --host 127.0.0.1")
     return RunResult(run_id=run_id, tracking_uri=uri, run_dir=run_dir, metrics=final)
+
+
+def _mlflow_command() -> str:
+    """``mlflow``, or its full path when the one installed beside this Python is not on PATH."""
+    beside = Path(sys.executable).with_name("mlflow")
+    return str(beside) if beside.exists() and shutil.which("mlflow") != str(beside) else "mlflow"
 
 
 def _print(message: str) -> None:

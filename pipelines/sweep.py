@@ -218,6 +218,8 @@ def run_sweep(plan: SweepPlan, max_parallel: Optional[int] = None, runner: Optio
     """
     from mlflow.tracking import MlflowClient
 
+    if max_parallel is not None and max_parallel < 1:  # before the parent run exists
+        raise ConfigError(f"--max-parallel {max_parallel}: must be at least 1")
     runner = runner or _default_runner
     client = MlflowClient(plan.tracking_uri)
     parent_id = _start_parent(client, plan)
@@ -260,8 +262,6 @@ def _start_parent(client, plan: SweepPlan) -> str:
 
 
 def _resolve_parallel(plan: SweepPlan, max_parallel: Optional[int]) -> int:
-    if max_parallel is not None and max_parallel < 1:
-        raise ConfigError(f"--max-parallel {max_parallel}: must be at least 1")
     wanted = max_parallel
     if wanted is None:
         if not os.environ.get("RAY_ADDRESS"):

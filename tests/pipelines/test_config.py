@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pydantic
 import pytest
@@ -161,3 +162,77 @@ def test_loss_accessors_and_kinds():
 def test_generated_source_size_bounds_the_batch():
     with pytest.raises(ConfigError, match=r"train.batch_size = 512 exceeds the training split of generated:gaussian \(80 samples\)"):
         load_config("configs/bimodal_gaussian.yaml", ["data.num_samples=100", "train.batch_size=512"])
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (["train.seed=-1"], r"^train.seed = -1: must be greater than or equal to 0$"),
+    (["data.split_seed=-3"], r"^data.split_seed = -3: must be greater than or equal to 0$"),
+    (["tracking.uri=mlflow.db"], r"^tracking.uri = 'mlflow.db': must be a tracking URI such as sqlite:///"),
+    (["tracking.uri=file:///tmp/mlruns"], r"no plain-path or file: store"),
+    (["tracking.run_name=../elsewhere"], r"^tracking.run_name = '../elsewhere': must be a plain name"),
+    (["tracking.run_name=a/b"], r"must be a plain name"),
+    (["loss.name=soft_infonce", "loss.soft_infonce.noise=[0.5, 0.5]"],
+     r"^loss.soft_infonce.noise has 2 entries: data.source = 'builtin:digits' has 10 classes"),
+    (["loss.soft_infonce.noise=abc"], r"^loss.soft_infonce.noise = 'abc': must be a list of class probabilities"),
+    (["loss.mveb.ema_base=1"], r"^loss.mveb.ema_base = 1: must be less than 1$"),
+    (["train=3"], r"^train = 3: must be a section \(a mapping\) of train.epochs, "),
+    (["trian.epochs=3"], r"^unknown config key 'trian'; did you mean section 'train'\?$"),
+    (["optimizer.lr=0.1"], r"^unknown config key 'optimizer'; sections: data, model, train, "),
+    (["train.foo=1"], r"^unknown config key 'train.foo'; train keys: epochs, batch_size, "),
+    (["loss.nmae=mveb"], r"did you mean 'loss.name'\?$"),
+    (["loss.mveb.ema=0.9"], r"did you mean 'loss.mveb.ema_base'\?$"),
+    (["train.use_gpu=true"], r"^train.use_gpu = true \(2 workers x 1\): 2 GPUs wanted, a local Ray will have 0"),
+    (["refresh.num_gpus=0.5"], r"^refresh.num_gpus = 0.5 x 1 actors: 0.5 GPUs wanted"),
+])
+def test_more_bad_values_are_refused_before_ray(overrides, pattern, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU, whatever machine runs the tests
+    with pytest.raises(ConfigError, match=pattern):
+        load_config("configs/smoke.yaml", overrides)
+
+
+def test_a_bad_tracking_uri_in_the_environment_is_refused(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "mlruns")
+    with pytest.raises(ConfigError, match=r"^\$MLFLOW_TRACKING_URI = 'mlruns': must be a tracking URI"):
+        load_config("configs/smoke.yaml")
+    assert load_config("configs/smoke.yaml", ["tracking.uri=sqlite:///m.db"]).tracking.uri == "sqlite:///m.db"
+
+
+def test_gpu_requests_are_checked_against_the_gpus_ray_will_have():
+    from pipelines.config import check_gpus
+
+    config = Config.model_validate({"train": {"use_gpu": True, "num_workers": 2}, "refresh": {"num_gpus": 0.25}})
+    check_gpus(config, 2.25)  # fits exactly
+    with pytest.raises(ConfigError, match=r"2.25 GPUs wanted, a local Ray will have 2"):
+        check_gpus(config, 2)
+
+
+@pytest.mark.parametrize("text, pattern", [
+    ("train:\n  epochs: 3\ntrain:\n  lr: 0.1\n", r"line 3, column 1: key 'train' given twice in one section \(also on line 1\)"),
+    ("train:\n  epochs: 3\n  epochs: 4\n", r"line 3, column 3: key 'epochs' given twice"),
+    ("train: [1, 2\n", r"is not valid YAML: line 2, column 1: expected ',' or ']'"),
+    (b"\xff\xfetrain: 1\n", r"is not UTF-8 text \(byte 0"),
+])
+def test_config_files_that_cannot_be_read_as_written(tmp_path, text, pattern):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError, match=pattern) as err:
+        load_config(path)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+
+
+def test_cli_validate_prints_the_selected_loss_with_defaults_and_the_resolved_uri(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "validate", "configs/smoke.yaml",
+                           "--set", "loss.name=mveb", "--set", "tracking.uri=sqlite:///rel.db"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "  loss.mveb.lam = 0.01" in lines and "  loss.mveb.ema_base = 0.99" in lines  # from the file
+    from trainers.losses import LOSSES
+
+    for key, default in LOSSES["mveb"].params().items():  # the defaults not given in the file too
+        if key != "lam":
+            assert f"  loss.mveb.{key} = {default}" in lines, key
+    assert f"  tracking.uri = sqlite:///{Path.cwd() / 'rel.db'}" in lines

@@ -87,11 +87,20 @@ def test_cli_sweep_config_error_is_one_line(capsys):
     assert err.count("\n") == 0 and err.startswith("hardbatch: config error: variant sampler.name=bogus")
 
 
-def test_parallel_capacity_counts_whole_runs():
+def test_bad_max_parallel_is_refused_before_the_parent_run_exists(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    args = ["sweep", SMOKE, "--grid", "sampler.name=uniform,rwr", "--max-parallel", "0", "--set", f"tracking.uri={uri}"]
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip() == "hardbatch: config error: --max-parallel 0: must be at least 1"
+    assert MlflowClient(uri).get_experiment_by_name("hardbatch-smoke") is None  # no (failed) parent run left
+
+
+def test_parallel_capacity_counts_whole_runs(monkeypatch):
     config = load_config(SMOKE, ["ray.num_cpus=2"])  # 2 workers, embed pool 1 x 0.25 CPU
     assert run_demand(config, 2.0) == {"CPU": pytest.approx(2.0)}  # 2 x 0.875 + 0.25
     assert parallel_capacity(config, {"CPU": 2.0}) == 1
     assert parallel_capacity(config, {"CPU": 16.0}) == 7  # 2 x 1 + 0.25 = 2.25 per run
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a cluster's GPUs are counted once connected
     gpu = load_config(SMOKE, ["train.use_gpu=true", "train.cpus_per_worker=1", "ray.num_cpus=8"])
     assert run_demand(gpu, 64.0) == {"CPU": 2.25, "GPU": 2}
     assert parallel_capacity(gpu, {"CPU": 64.0, "GPU": 4.0}) == 2
