@@ -17,6 +17,15 @@ from typing import Optional, Sequence
 from pipelines.config import ConfigError, load_config
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hardbatch")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        return "(not installed)"
+
+
 def _add_config_args(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("config", help="YAML config file, e.g. configs/digits.yaml")
     cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -25,6 +34,7 @@ def _add_config_args(cmd: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hardbatch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("run", "run a training job"), ("validate", "check a config, start nothing")):
         _add_config_args(sub.add_parser(name, help=help_text))

@@ -296,6 +296,10 @@ def compare(experiment: str, metric: str = "eval/knn_acc", out_dir: Optional[str
     from trainers.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        # opening a sqlite store creates it: a read-only command must not leave an empty one behind
+        raise CompareError(f"no MLflow store at {uri} (give --tracking-uri, or run from the directory "
+                           f"holding mlflow.db)")
     client = MlflowClient(uri)
     runs, what, grid_keys = select_runs(client, experiment, sweep_id, all_runs)
     records = [load_record(client, run, metric, grid_keys) for run in runs]

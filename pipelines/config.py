@@ -390,7 +390,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(loaded).__name__}")
-        raw = loaded
+        # an empty section (`train:` with nothing under it) means its defaults, as an empty file does
+        raw = {key: value for key, value in loaded.items() if not (key in Config.model_fields and value is None)}
     for text in overrides:
         keys, value = parse_override(text)
         node = raw

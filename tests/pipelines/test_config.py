@@ -236,3 +236,16 @@ def test_cli_validate_prints_the_selected_loss_with_defaults_and_the_resolved_ur
         if key != "lam":
             assert f"  loss.mveb.{key} = {default}" in lines, key
     assert f"  tracking.uri = sqlite:///{Path.cwd() / 'rel.db'}" in lines
+
+
+def test_an_empty_section_means_its_defaults(tmp_path):
+    path = tmp_path / "empty_sections.yaml"
+    path.write_text("train:\nloss:\n  name: mveb\n  mveb:\n")
+    config = load_config(path)
+    assert config.train == Config().train and config.loss.name == "mveb" and config.loss.section() == {}
+
+
+def test_cli_version():
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "--version"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("hardbatch ")

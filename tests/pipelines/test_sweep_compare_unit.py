@@ -191,6 +191,7 @@ def test_sweep_then_compare_report(tmp_path, capsys):
 
 def test_compare_cli_errors(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments()  # an existing store without that experiment
     assert main(["compare", "--experiment", "nope", "--tracking-uri", uri]) == 1
     assert "no MLflow experiment named 'nope'" in capsys.readouterr().err
 
@@ -234,3 +235,10 @@ def test_parallel_children_run_at_the_same_time(ray_local, tmp_path):
     assert not result.failed, result.failed
     assert {outcome.run_id for _, outcome in result.finished} == {"run-uniform-p", "run-rwr-p"}
     assert ("run-rwr-p", "hardbatch.variant", "sampler.name=rwr") in tags
+
+
+def test_compare_does_not_create_a_missing_store(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'missing.db'}"
+    assert main(["compare", "--experiment", "x", "--tracking-uri", uri]) == 1
+    assert capsys.readouterr().err.strip().startswith(f"hardbatch: no MLflow store at {uri}")
+    assert not (tmp_path / "missing.db").exists()
