@@ -12,6 +12,10 @@ from mlflow.tracking import MlflowClient
 from _procs import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
+# An async refresh costs about 3-4 s here (mostly Ray Data starting its pool), an epoch of the smoke
+# job 1.5-3 s: with 3 epochs, whether version 1 lands in time to be used was a race (in a fresh
+# clone it landed at the last step). 6 epochs leave it about 30 steps.
+EPOCHS = 6
 
 
 @pytest.mark.e2e
@@ -20,7 +24,7 @@ def test_smoke_run_logs_a_learning_run(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     cmd = [sys.executable, "-m", "pipelines.cli", "run", str(ROOT / "configs/smoke.yaml"),
            "--set", f"storage.path={tmp_path / 'results'}", "--set", f"tracking.uri=sqlite:///{db}",
-           "--set", "tracking.run_name=e2e-smoke"]
+           "--set", "tracking.run_name=e2e-smoke", "--set", f"train.epochs={EPOCHS}"]
     proc = run_cli(cmd, cwd=tmp_path, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "MLflow run id:" in proc.stdout and "mlflow ui --backend-store-uri" in proc.stdout
@@ -32,16 +36,16 @@ def test_smoke_run_logs_a_learning_run(tmp_path):
     run = runs[0]
     assert run.info.status == "FINISHED" and run.info.run_name == "e2e-smoke"
     params = run.data.params
-    assert params["train.epochs"] == "3" and params["sampler.name"] == "rwr" and params["loss.name"] == "infonce"
+    assert params["train.epochs"] == str(EPOCHS) and params["sampler.name"] == "rwr" and params["loss.name"] == "infonce"
     assert params["derived.per_worker_batch"] == "64"
 
     loss = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)]
-    assert len(loss) >= 6 and loss[-1] < loss[0]
+    assert len(loss) >= 2 * EPOCHS and loss[-1] < loss[0]
     knn = client.get_metric_history(run.info.run_id, "eval/knn_acc")
-    assert len(knn) == 3 and max(m.value for m in knn) > 0.5  # chance is 0.1
+    assert len(knn) == EPOCHS and max(m.value for m in knn) > 0.5  # chance is 0.1
     assert client.get_metric_history(run.info.run_id, "train/samples_per_s")
-    assert len(client.get_metric_history(run.info.run_id, "sampler/hardness")) == 3
-    assert len(client.get_metric_history(run.info.run_id, "sampler/same_class_rate")) == 3
+    assert len(client.get_metric_history(run.info.run_id, "sampler/hardness")) == EPOCHS
+    assert len(client.get_metric_history(run.info.run_id, "sampler/same_class_rate")) == EPOCHS
     versions = {m.value for m in client.get_metric_history(run.info.run_id, "graph/version")}
     assert {0.0, 1.0} <= versions  # the graph was rebuilt during training and used
     assert client.get_metric_history(run.info.run_id, "graph/mean_neighbor_similarity")
@@ -51,11 +55,11 @@ def test_smoke_run_logs_a_learning_run(tmp_path):
     stalls = client.get_metric_history(rid, "refresh/stall_seconds")
     cost = sum(m.value for key in ("refresh/embed_seconds", "refresh/graph_seconds")
                for m in client.get_metric_history(rid, key) if m.step > 0)
-    assert 1 <= len(stalls) <= 2 and cost > 0
+    assert 1 <= len(stalls) <= EPOCHS - 1 and cost > 0
     assert sum(m.value for m in stalls) < 0.1 * cost, (stalls, cost)
     overlap = client.get_metric_history(rid, "refresh/neighbour_overlap")
     assert overlap and all(m.value < 1.0 for m in overlap)  # training changed the neighbours
     assert {a.path for a in client.list_artifacts(rid, "graphs")} >= {"graphs/v0000.json", "graphs/v0001.json"}
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "config")}
     assert {"config/smoke.yaml", "config/config.resolved.yaml"} <= artifacts
-    assert (tmp_path / "results" / "e2e-smoke" / "train" / "epoch_0002" / "model.pt").exists()
+    assert (tmp_path / "results" / "e2e-smoke" / "train" / f"epoch_{EPOCHS - 1:04d}" / "model.pt").exists()
