@@ -46,6 +46,8 @@ def init_ray(config: Config) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    if not sys.stdout.isatty():  # worker lines in a log file or pipe: no ANSI colour codes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if os.environ.get("RAY_ADDRESS"):
         ray.init(namespace=NAMESPACE, log_to_driver=True)
     else:
