@@ -276,41 +276,6 @@ def _default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _run_blocks(n_blocks: int, work: Callable[[int], None], num_threads: int) -> None:
-    """Run ``work(j)`` for every block j on ``num_threads`` threads, BLAS single-threaded.
-
-    Each block does one matrix product and one GIL-free compiled kernel; running blocks side
-    by side keeps every core busy without BLAS threads spinning against numba threads.
-    """
-    with threadpool_limits(limits=1, user_api="blas"):
-        if num_threads <= 1 or n_blocks == 1:
-            for j in range(n_blocks):
-                work(j)
-            return
-        with ThreadPoolExecutor(max_workers=num_threads) as pool:
-            for future in [pool.submit(work, j) for j in range(n_blocks)]:
-                future.result()
-
-
-def _exact_knn(emb: np.ndarray, k: int, num_threads: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact kNN (self excluded) by blocked matrix products.
-
-    Complexity: O(N^2 d) time, O(threads * 2**24) scratch floats.
-    """
-    n = emb.shape[0]
-    rows_per_block = int(max(1, min(n, (1 << 24) // n)))
-    neighbors = np.empty((n, k), _id_dtype(n))
-    sims = np.empty((n, k), np.float32)
-
-    def work(j: int) -> None:
-        lo, hi = j * rows_per_block, min((j + 1) * rows_per_block, n)
-        scores = emb[lo:hi] @ emb.T
-        _kernels.topk_all_block(scores, np.arange(lo, hi, dtype=np.int64), 0, k, neighbors, sims)
-
-    _run_blocks(-(-n // rows_per_block), work, num_threads)
-    return neighbors, sims
-
-
 def _run_guided(
     n_blocks: int,
     max_chunk: int,
@@ -321,7 +286,9 @@ def _run_guided(
     """Run ``work(first, last, state)`` over chunks of consecutive blocks covering
     ``range(n_blocks)``, on ``num_threads`` threads with BLAS single-threaded.
 
-    Guided scheduling: a thread takes the next ``min(max_chunk, remaining / (2 threads))``
+    Each block does one matrix product and one GIL-free compiled kernel; running blocks side by
+    side keeps every core busy without BLAS threads spinning against numba threads. Guided
+    scheduling: a thread takes the next ``min(max_chunk, remaining / (2 threads))``
     blocks, so chunks are long (a chunk shares one gathered pool window) while much work is
     left and short at the end (the threads finish together). Each thread builds its scratch
     ``state`` once, so no block allocates (or page-faults) its own buffers.
@@ -348,6 +315,25 @@ def _run_guided(
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for future in [pool.submit(worker) for _ in range(workers)]:
                 future.result()
+
+
+def _exact_knn(emb: np.ndarray, k: int, num_threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact kNN (self excluded) by blocked matrix products.
+
+    Complexity: O(N^2 d) time, O(threads * 2**24) scratch floats.
+    """
+    n = emb.shape[0]
+    rows_per_block = int(max(1, min(n, (1 << 24) // n)))
+    neighbors = np.empty((n, k), _id_dtype(n))
+    sims = np.empty((n, k), np.float32)
+
+    def work(first: int, last: int, _state: None) -> None:
+        lo, hi = first * rows_per_block, min(last * rows_per_block, n)
+        scores = emb[lo:hi] @ emb.T
+        _kernels.topk_all_block(scores, np.arange(lo, hi, dtype=np.int64), 0, k, neighbors, sims)
+
+    _run_guided(-(-n // rows_per_block), 1, lambda: None, work, num_threads)  # one block at a time
+    return neighbors, sims
 
 
 def _pool_reach(bounds: np.ndarray, n: int, min_pool: float) -> int:
