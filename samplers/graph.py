@@ -73,6 +73,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from samplers import _kernels
+from samplers._checks import is_int
 
 BACKENDS = ("auto", "exact", "pernode", "ivf", "hnsw")
 EXACT_KNN_MAX_NODES = 50_000
@@ -214,7 +215,7 @@ def _validate(
     if check_finite:
         _check_finite(embeddings)
     for name, value in (("k", k), ("m", m)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        if not is_int(value):
             raise ValueError(f"{name} must be an integer, got {value!r}")
     k, m = int(k), int(m)
     if k < 1:
@@ -530,11 +531,11 @@ def build_proximity_graph(
     """
     t0 = time.perf_counter()
     embeddings, k, m = _validate(embeddings, k, m, backend, check_finite=False)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    if not is_int(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if not pool_factor >= 1.0:
         raise ValueError(f"pool_factor must be >= 1, got {pool_factor}")
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
+    if not is_int(block_size) or block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     num_threads = _default_threads() if num_threads is None else max(1, int(num_threads))
     n = embeddings.shape[0]

@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from samplers import _kernels
+from samplers._checks import is_int
 from samplers.graph import ProximityGraph
 from samplers.rwr import DEFAULT_STEPS_PER_NODE, WALK_GROUP, walk_key
 
@@ -101,7 +102,7 @@ def _as_neighbors(graph: ProximityGraph | np.ndarray, num_nodes: int) -> np.ndar
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 

@@ -34,6 +34,7 @@ from typing import Union
 import numpy as np
 
 from samplers import _kernels
+from samplers._checks import is_int
 
 Seed = Union[int, Sequence[int]]
 _STREAM_TAG_WALK = 0x525752  # separates walk streams from other users of the same seed
@@ -63,7 +64,7 @@ def walk_key(seed: Seed) -> np.uint64:
         entropy = (seed,) if np.ndim(seed) == 0 else tuple(seed)
     key = _WALK_KEY_START
     for value in entropy:
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        if not is_int(value) or value < 0:
             raise ValueError(f"seed must be non-negative integers, got {seed!r}")
         value = int(value)
         key = _mix64((key ^ _mix64((value + 0x9E3779B97F4A7C15) & _MASK64)) & _MASK64)
@@ -88,7 +89,7 @@ def _check_neighbors(neighbors: np.ndarray) -> np.ndarray:
 def _check_walk_args(
     num_nodes: int, batch_size: int, restart_prob: float, max_steps: int | None
 ) -> tuple[int, np.uint64, int]:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+    if not is_int(batch_size):
         raise ValueError(f"batch_size must be an integer, got {batch_size!r}")
     if not 1 <= batch_size <= num_nodes:
         raise ValueError(f"batch_size must be in [1, N={num_nodes}], got {batch_size}")
@@ -98,7 +99,7 @@ def _check_walk_args(
         raise ValueError(f"restart_prob must be in [0, 1) (1 never terminates), got {restart_prob!r}")
     if max_steps is None:
         max_steps = DEFAULT_STEPS_PER_NODE * int(batch_size)
-    elif isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 0:
+    elif not is_int(max_steps) or max_steps < 0:
         raise ValueError(f"max_steps must be a non-negative integer or None, got {max_steps!r}")
     threshold = np.uint64(int(float(restart_prob) * 2**32))
     return int(batch_size), threshold, int(max_steps)
@@ -133,7 +134,7 @@ def rwr_batch(
     neighbors = _check_neighbors(neighbors)
     n = neighbors.shape[0]
     batch_size, threshold, max_steps = _check_walk_args(n, batch_size, restart_prob, max_steps)
-    if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or not 0 <= start < n:
+    if not is_int(start) or not 0 <= start < n:
         raise ValueError(f"start must be an integer node id in [0, {n}), got {start!r}")
     ids, filled, _ = _kernels.walk_one(neighbors, np.int64(start), batch_size, threshold, max_steps, walk_key(seed))
     return ids, int(filled)
