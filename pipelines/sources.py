@@ -93,10 +93,10 @@ SOURCES: dict[str, Callable[..., RawData]] = {
     "generated:gaussian": gaussian_pairs,
 }
 PAIRED = frozenset({"builtin:digits_pairs", "generated:gaussian"})  # sources with a v modality
-LABELLED = frozenset({"builtin:digits", "builtin:digits_pairs"})
+NUM_CLASSES = {"builtin:digits": 10, "builtin:digits_pairs": 10}  # labelled sources: classes of the labels
+LABELLED = frozenset(NUM_CLASSES)
 GENERATED = frozenset({"generated:gaussian"})  # sized and seeded by data.num_samples / dim / seed
 _SIZES = {"builtin:digits": 1797, "builtin:digits_pairs": 1797}
-NUM_CLASSES = {"builtin:digits": 10, "builtin:digits_pairs": 10}  # labelled sources: classes of the labels
 
 
 def check_source(name: str) -> None:

@@ -16,6 +16,13 @@ def test_digits_source_shapes_and_range():
     assert set(np.unique(raw.labels)) == set(range(10))
 
 
+def test_declared_class_counts_match_the_labels():
+    from pipelines.sources import LABELLED, NUM_CLASSES
+
+    for name in LABELLED:  # config validation checks soft_infonce's noise against these counts
+        assert int(load_source(name).labels.max()) + 1 == NUM_CLASSES[name], name
+
+
 def test_split_is_a_fixed_stratified_partition():
     labels = load_source("builtin:digits").labels
     train, test = split_indices(len(labels), 0.2, seed=0, labels=labels)
