@@ -22,7 +22,8 @@ def embed(model: nn.Module, x: np.ndarray, batch_size: int = 1024, projected: bo
         model: a network of :mod:`trainers.models` (its ``encode`` gives ``(h, z)``).
         projected: return ``z`` instead of ``h``.
         normalize: L2-normalise the rows.
-        encode: the method giving ``(h, z)``: ``encode``, or ``encode_v`` for a bimodal network's v side.
+        encode: the method giving ``(h, z)``: ``encode``, or ``encode_v`` for a bimodal network's v side;
+            or one giving a single tensor, such as ``graph_embedding`` (then ``projected`` is ignored).
 
     Shape:
         x: ``[N, *shape]`` -> ``[N, D]``.
@@ -33,8 +34,8 @@ def embed(model: nn.Module, x: np.ndarray, batch_size: int = 1024, projected: bo
         outs = []
         for start in range(0, len(x), batch_size):
             # a copy: store arrays are read-only
-            h, z = getattr(model, encode)(torch.tensor(x[start:start + batch_size]))
-            outs.append(z if projected else h)
+            out = getattr(model, encode)(torch.tensor(x[start:start + batch_size]))
+            outs.append(out if torch.is_tensor(out) else out[int(projected)])
         out = torch.cat(outs)
         return F.normalize(out, dim=1) if normalize else out
     finally:

@@ -109,18 +109,6 @@ class Task:
 
     # -- evaluation ------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def graph_embeddings(self, model: nn.Module, x: np.ndarray, batch_size: int = 1024) -> torch.Tensor:
-        """Unit-norm ``graph_embedding`` rows of ``x``: the space the sampler's graph lives in."""
-        net = unwrap(model)
-        was_training = net.training
-        net.eval()
-        try:
-            out = [net.graph_embedding(torch.tensor(x[i:i + batch_size])) for i in range(0, len(x), batch_size)]
-            return F.normalize(torch.cat(out), dim=1)
-        finally:
-            net.train(was_training)
-
     def evaluate(self, model: nn.Module, train_store, test_store, plans: np.ndarray,
                  final: bool = False) -> dict[str, float]:
         """Batch statistics of ``plans`` and the held-out metrics; ``final`` adds the linear probe.
@@ -130,7 +118,8 @@ class Task:
         """
         net = unwrap(model)
         labels = train_store.column("label") if train_store.has_labels else None
-        stats = batch_stats(plans, self.graph_embeddings(net, train_store.column("x")).numpy(), labels)
+        graph_space = embed(net, train_store.column("x"), encode="graph_embedding")  # where the graph lives
+        stats = batch_stats(plans, graph_space.numpy(), labels)
         out = {f"sampler/{k}": v for k, v in stats.items() if k != "num_batches"}
         out.update(self.task_metrics(net, train_store, test_store))
         if train_store.has_labels and test_store.has_labels:
