@@ -28,8 +28,8 @@ from typing import Any, Optional
 import numpy as np
 
 from pipelines.sweep import GRID_TAG, KIND_TAG, SEED_TAG, VARIANT_TAG
+from trainers.tracking import PARENT_RUN_TAG
 
-PARENT_TAG = "mlflow.parentRunId"
 CURVES = ("train/loss", "train/samples_per_s", "sampler/hardness", "sampler/same_class_rate", "run/wall_seconds")
 COLUMNS = ("variant", "seeds", "best_mean", "best_std", "final_mean", "final_std", "wall_s", "samples_per_s")
 PLOTS = ("metric_by_epoch.png", "loss.png", "hardness_vs_same_class.png")
@@ -90,7 +90,7 @@ def select_runs(client, experiment_name: str, sweep_id: Optional[str] = None, al
         if parent is None:
             chosen, what, grid_keys = training, f"all runs of experiment {experiment_name!r} (no sweep)", None
         else:
-            chosen = [r for r in training if r.data.tags.get(PARENT_TAG) == parent.info.run_id]
+            chosen = [r for r in training if r.data.tags.get(PARENT_RUN_TAG) == parent.info.run_id]
             what = f"sweep {parent.info.run_name} ({parent.info.run_id}) in experiment {experiment_name!r}"
             grid_keys = [k for k in parent.data.tags.get(GRID_TAG, "").split(",") if k]
     finished = [r for r in chosen if r.info.status == "FINISHED"]
@@ -327,10 +327,10 @@ def compare(experiment: str, metric: str = "eval/knn_acc", out_dir: Optional[str
 
 def _log_report(client, runs, experiment: str, metric: str, mode: str, files: list[Path]) -> str:
     experiment_id = runs[0].info.experiment_id
-    parents = {r.data.tags.get(PARENT_TAG) for r in runs}
+    parents = {r.data.tags.get(PARENT_RUN_TAG) for r in runs}
     tags = {KIND_TAG: "report"}
     if len(parents) == 1 and None not in parents:
-        tags[PARENT_TAG] = parents.pop()  # the report sits under its sweep in the MLflow UI
+        tags[PARENT_RUN_TAG] = parents.pop()  # the report sits under its sweep in the MLflow UI
     run = client.create_run(experiment_id, run_name=f"compare-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
     run_id = run.info.run_id
     for key, value in {"compare.metric": metric, "compare.mode": mode, "compare.runs": len(runs),

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipelines.config import Config, ConfigError, check_resources, cpus_per_worker, local_cpus
-from trainers.tracking import artifact_root_for, resolve_tracking_uri
+from trainers.tracking import PARENT_RUN_TAG, experiment_id_for, resolve_tracking_uri
 
 NAMESPACE = "hardbatch"
 
@@ -120,16 +120,11 @@ def _start_mlflow_run(config: Config, uri: str, run_name: str, parent_run_id: Op
 
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(config.tracking.experiment)
-    if experiment is None:
-        experiment_id = client.create_experiment(config.tracking.experiment,
-                                                 artifact_location=artifact_root_for(uri))
-    else:
-        experiment_id = experiment.experiment_id
+    experiment_id = experiment_id_for(client, config.tracking.experiment, uri)
     tags = {"hardbatch.loss": config.loss.name, "hardbatch.sampler": config.sampler.name,
             "hardbatch.source": config.data.source}
     if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
+        tags[PARENT_RUN_TAG] = parent_run_id
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     return client, run.info.run_id
 

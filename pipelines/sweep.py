@@ -23,14 +23,14 @@ import itertools
 import math
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from pipelines.config import Config, ConfigError, cpus_per_worker, load_config, parse_override
-from trainers.tracking import artifact_root_for, resolve_tracking_uri
+from pipelines.run import _print
+from trainers.tracking import experiment_id_for, resolve_tracking_uri
 
 KIND_TAG = "hardbatch.kind"
 GRID_TAG = "hardbatch.grid"
@@ -246,11 +246,7 @@ def run_sweep(plan: SweepPlan, max_parallel: Optional[int] = None, runner: Optio
 
 
 def _start_parent(client, plan: SweepPlan) -> str:
-    experiment = client.get_experiment_by_name(plan.experiment)
-    if experiment is None:
-        experiment_id = client.create_experiment(plan.experiment, artifact_location=artifact_root_for(plan.tracking_uri))
-    else:
-        experiment_id = experiment.experiment_id
+    experiment_id = experiment_id_for(client, plan.experiment, plan.tracking_uri)
     tags = {KIND_TAG: "sweep", GRID_TAG: ",".join(key for key, _ in plan.grid)}
     run = client.create_run(experiment_id, run_name=plan.name, tags=tags)
     params = {"sweep.config": plan.config_path, "sweep.seeds": ",".join(map(str, plan.seeds)),
@@ -322,7 +318,3 @@ def _run_parallel(plan: SweepPlan, parent_id: str, runner: Runner, result: Sweep
             continue
         _record(client, result, child, outcome)
         _print(f"done {child.variant} seed {child.seed}")
-
-
-def _print(message: str) -> None:
-    print(f"[hardbatch] {message}", file=sys.stdout, flush=True)

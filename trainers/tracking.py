@@ -42,6 +42,18 @@ def artifact_root_for(uri: str) -> Optional[str]:
     return None
 
 
+PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own tag: nests a run under its parent in the UI
+
+
+def experiment_id_for(client, name: str, uri: str) -> str:
+    """The id of MLflow experiment ``name``, created (artifacts per :func:`artifact_root_for`)
+    when it does not exist yet."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_root_for(uri))
+
+
 class RunTracker:
     """Logs to one MLflow run; a no-op when ``enabled`` is false (every rank but 0).
 
