@@ -89,8 +89,10 @@ def training_setup(config: Config, train_store) -> tuple[dict[str, Any], dict[st
     if kind == "bimodal":
         v_shape = train_store.column("v").shape[1:]
     if kind == "classifier":
+        from pipelines.sources import NUM_CLASSES
+
         labels = train_store.column("label")
-        num_classes = int(labels.max()) + 1
+        num_classes = NUM_CLASSES[config.data.source]  # not labels.max() + 1: a class may be missing
         if "noise" not in kwargs and options["noise_from"] == "train_frequencies":
             q = class_frequencies(torch.from_numpy(np.asarray(labels)), num_classes)
             if (q == 0).any():

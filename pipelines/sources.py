@@ -108,7 +108,7 @@ def check_source(name: str) -> None:
 def load_source(name: str, **params: Any) -> RawData:
     """Load a source; ``params`` (``num_samples``, ``dim``, ``seed``) size and seed generated ones."""
     check_source(name)
-    return SOURCES[name](**params) if name in GENERATED else SOURCES[name]()
+    return SOURCES[name](**params)
 
 
 def split_indices(num: int, test_fraction: float, seed: int, labels: Optional[np.ndarray] = None):
