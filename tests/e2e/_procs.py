@@ -38,15 +38,23 @@ def stop_group(pgid: int, grace_s: float = 10.0, leader: Optional[subprocess.Pop
             time.sleep(0.5)
 
 
-def run_cli(cmd: list[str], *, timeout: float, **popen_kwargs) -> subprocess.CompletedProcess:
-    """``subprocess.run(cmd, capture_output=True, text=True)`` in a new process group.
+def private_env() -> dict[str, str]:
+    """This process's environment without RAY_ADDRESS and MLFLOW_TRACKING_URI, so a command under
+    test starts its own local Ray and logs where its config says, whatever the caller's shell has."""
+    return {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+
+
+def run_cli(cmd: list[str], *, timeout: float, env: Optional[dict[str, str]] = None,
+            **popen_kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True)`` in a new process group, with
+    ``env`` (default :func:`private_env`).
 
     On timeout the whole group is stopped (the driver and the local Ray it started: killing
     only the driver leaves raylet and its agents running) and the test fails with the tail of
     what the command printed, so a slow or stuck run shows where it was.
     """
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, **popen_kwargs)
+                            start_new_session=True, env=private_env() if env is None else env, **popen_kwargs)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

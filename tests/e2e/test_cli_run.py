@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from _procs import run_cli
+from _procs import private_env, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 # An async refresh costs about 3-4 s here (mostly Ray Data starting its pool), an epoch of the smoke
@@ -21,7 +20,7 @@ EPOCHS = 6
 @pytest.mark.e2e
 def test_smoke_run_logs_a_learning_run(tmp_path):
     db = tmp_path / "mlflow.db"
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env = private_env()
     cmd = [sys.executable, "-m", "pipelines.cli", "run", str(ROOT / "configs/smoke.yaml"),
            "--set", f"storage.path={tmp_path / 'results'}", "--set", f"tracking.uri=sqlite:///{db}",
            "--set", "tracking.run_name=e2e-smoke", "--set", f"train.epochs={EPOCHS}"]

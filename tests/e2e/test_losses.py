@@ -8,14 +8,13 @@ soft-target classifier, retrieval accuracy for the bimodal losses.
 from __future__ import annotations
 
 import math
-import os
 import sys
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from _procs import run_cli
+from _procs import private_env, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -25,7 +24,7 @@ def _sweep(tmp_path: Path, config: str, losses: list[str], *overrides: str) -> t
     """Run ``hardbatch sweep`` over ``losses`` (2 epochs, a refresh every epoch); the runs of its experiment."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env = private_env()
     cmd = [str(BIN / "hardbatch"), "sweep", str(ROOT / config), "--grid", f"loss.name={','.join(losses)}",
            "--set", "train.epochs=2", "--set", "refresh.every_epochs=1", "--set", f"tracking.uri={uri}",
            "--set", f"storage.path={tmp_path / 'results'}", "--name", "losses", "--set", "tracking.experiment=losses"]

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from _procs import free_port, run_cli, stop_group
+from _procs import free_port, private_env, run_cli, stop_group
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's mlflow and hardbatch
@@ -69,7 +69,7 @@ def test_job_logs_to_mlflow_server(mlflow_server, tmp_path):
     url, server_dir = mlflow_server
     work = tmp_path / "work"
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env = private_env()
     env["MLFLOW_TRACKING_URI"] = url
     cmd = [str(BIN / "hardbatch"), "run", str(ROOT / "configs/smoke.yaml"), "--set", "train.epochs=2",
            "--set", f"storage.path={tmp_path / 'results'}", "--set", "tracking.run_name=e2e-server"]

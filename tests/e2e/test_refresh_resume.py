@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from _procs import run_cli
+from _procs import private_env, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,17 +26,13 @@ def _cmd(tmp_path: Path, *overrides: str) -> list[str]:
     return cmd
 
 
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-
-
 def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
 @pytest.mark.e2e
 def test_sync_refresh_activates_each_version_at_its_epoch_boundary(tmp_path):
-    proc = run_cli(_cmd(tmp_path, "refresh.mode=sync", "tracking.run_name=sync"), cwd=tmp_path, env=_env(),
+    proc = run_cli(_cmd(tmp_path, "refresh.mode=sync", "tracking.run_name=sync"), cwd=tmp_path, env=private_env(),
                    timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -62,7 +58,7 @@ def test_sync_refresh_activates_each_version_at_its_epoch_boundary(tmp_path):
 def test_resume_after_crash_continues_on_the_persisted_graph_version(tmp_path):
     run_dir = tmp_path / "results" / "crash"
     cmd = _cmd(tmp_path, "tracking.run_name=crash", "train.epochs=4", "refresh.every_epochs=1")
-    first = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    first = subprocess.Popen(cmd, cwd=tmp_path, env=private_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     try:
         deadline = time.time() + 300
@@ -78,7 +74,7 @@ def test_resume_after_crash_continues_on_the_persisted_graph_version(tmp_path):
     before = json.loads((run_dir / "sampler_state.json").read_text())["versions"]
     assert len(before) >= 2
 
-    second = run_cli(cmd, cwd=tmp_path, env=_env(), timeout=600)
+    second = run_cli(cmd, cwd=tmp_path, env=private_env(), timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming run crash" in second.stdout
     assert (run_dir / "graphs" / "v0000.npz").stat().st_mtime == v0_mtime  # not rebuilt from scratch

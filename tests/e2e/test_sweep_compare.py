@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import csv
-import os
 import sys
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from _procs import run_cli
+from _procs import private_env, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -19,7 +18,7 @@ BIN = Path(sys.executable).parent
 @pytest.mark.e2e
 def test_sweep_two_variants_then_compare(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env = private_env()
     sweep = run_cli(
         [str(BIN / "hardbatch"), "sweep", str(ROOT / "configs/smoke.yaml"), "--grid", "sampler.name=uniform,rwr",
          "--set", "train.epochs=2", "--set", f"tracking.uri={uri}", "--set", f"storage.path={tmp_path / 'results'}",
