@@ -460,10 +460,16 @@ def local_gpus() -> int:
     return torch.cuda.device_count()
 
 
+def gpu_demand(config: Config) -> float:
+    """GPUs one run holds: one per Train worker with ``train.use_gpu``, plus ``refresh.num_gpus``
+    per embedding actor."""
+    return config.train.num_workers * config.train.use_gpu + config.refresh.pool_size * config.refresh.num_gpus
+
+
 def check_gpus(config: Config, gpus: float) -> None:
-    """GPU requests (one per train worker with ``train.use_gpu``, ``refresh.num_gpus`` per embedding
-    actor) must fit in ``gpus``, or Ray would wait for them forever."""
-    wanted = config.train.num_workers * config.train.use_gpu + config.refresh.pool_size * config.refresh.num_gpus
+    """The run's GPU requests (:func:`gpu_demand`) must fit in ``gpus``, or Ray would wait for
+    them forever."""
+    wanted = gpu_demand(config)
     if wanted > gpus:
         asked = [f"train.use_gpu = true ({config.train.num_workers} workers x 1)"] if config.train.use_gpu else []
         if config.refresh.num_gpus:

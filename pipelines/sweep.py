@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from pipelines.config import Config, ConfigError, cpus_per_worker, load_config, parse_override
+from pipelines.config import Config, ConfigError, cpus_per_worker, gpu_demand, load_config, parse_override
 from pipelines.run import _print
 from trainers.tracking import experiment_id_for, resolve_tracking_uri
 
@@ -173,7 +173,7 @@ def run_demand(config: Config, cluster_cpus: float) -> dict[str, float]:
     workers = config.train.num_workers
     demand = {"CPU": workers * cpus_per_worker(config, cluster_cpus)
               + config.refresh.pool_size * config.refresh.num_cpus}
-    gpus = (workers if config.train.use_gpu else 0) + config.refresh.pool_size * config.refresh.num_gpus
+    gpus = gpu_demand(config)
     if gpus:
         demand["GPU"] = gpus
     return demand
