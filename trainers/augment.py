@@ -23,12 +23,15 @@ def digits_augment(size: int = 8) -> v2.Transform:
     ])
 
 
-def two_views(x: torch.Tensor, transform: v2.Transform) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two independently augmented views of every sample.
+def one_view(x: torch.Tensor, transform: v2.Transform) -> torch.Tensor:
+    """One augmented view of every sample, each drawn independently.
 
     Shape:
-        x: ``[B, C, H, W]`` float in [0, 1] -> two tensors of the same shape.
+        x: ``[B, C, H, W]`` float in [0, 1] -> a tensor of the same shape.
     """
-    view_a = torch.stack([transform(sample) for sample in x])
-    view_b = torch.stack([transform(sample) for sample in x])
-    return view_a, view_b
+    return torch.stack([transform(sample) for sample in x])
+
+
+def two_views(x: torch.Tensor, transform: v2.Transform) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two independently augmented views of every sample (shapes as :func:`one_view`)."""
+    return one_view(x, transform), one_view(x, transform)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from samplers.stats import batch_stats
-from trainers.augment import digits_augment, two_views
+from trainers.augment import digits_augment, one_view, two_views
 from trainers.evaluate import (
     alignment,
     embed,
@@ -97,7 +97,7 @@ class Task:
         """One augmented view of every sample (vectors are returned as they are)."""
         if self.augment is None:
             return x
-        return torch.stack([self.augment(sample) for sample in x])
+        return one_view(x, self.augment)
 
     def step_loss(self, model: nn.Module, store, ids: np.ndarray,
                   device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
