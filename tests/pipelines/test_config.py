@@ -135,8 +135,28 @@ def test_readme_documents_every_key_with_its_default():
     (["data.source=generated:gaussian", "loss.name=soft_infonce"], r"paired data"),
     (["data.dim=4"], r"data.dim applies to generated sources \(generated:gaussian\), not to 'builtin:digits'"),
     (["loss.soft_infonce.noise=[1, 1]", "loss.soft_infonce.noise_from=uniform"], r"give one"),
+    (["train.seed=-1"], r"^train.seed = -1: must be greater than or equal to 0$"),
+    (["data.split_seed=-3"], r"^data.split_seed = -3: must be greater than or equal to 0$"),
+    (["tracking.uri=mlflow.db"], r"^tracking.uri = 'mlflow.db': must be a tracking URI such as sqlite:///"),
+    (["tracking.uri=file:///tmp/mlruns"], r"no plain-path or file: store"),
+    (["tracking.run_name=../elsewhere"], r"^tracking.run_name = '../elsewhere': must be a plain name"),
+    (["tracking.run_name=a/b"], r"must be a plain name"),
+    (["loss.name=soft_infonce", "loss.soft_infonce.noise=[0.5, 0.5]"],
+     r"^loss.soft_infonce.noise has 2 entries: data.source = 'builtin:digits' has 10 classes"),
+    (["loss.soft_infonce.noise=abc"], r"^loss.soft_infonce.noise = 'abc': must be a list of class probabilities"),
+    (["loss.mveb.ema_base=1"], r"^loss.mveb.ema_base = 1: must be less than 1$"),
+    (["train=3"], r"^train = 3: must be a section \(a mapping\) of train.epochs, "),
+    (["trian.epochs=3"], r"^unknown config key 'trian'; did you mean section 'train'\?$"),
+    (["optimizer.lr=0.1"], r"^unknown config key 'optimizer'; sections: data, model, train, "),
+    (["train.foo=1"], r"^unknown config key 'train.foo'; train keys: epochs, batch_size, "),
+    (["loss.nmae=mveb"], r"did you mean 'loss.name'\?$"),
+    (["loss.mveb.ema=0.9"], r"did you mean 'loss.mveb.ema_base'\?$"),
+    (["train.use_gpu=true"], r"^train.use_gpu = true \(2 workers x 1\): 2 GPUs wanted, a local Ray will have 0"),
+    (["refresh.num_gpus=0.5"], r"^refresh.num_gpus = 0.5 x 1 actors: 0.5 GPUs wanted"),
 ])
-def test_loss_sections_and_modes_are_checked_before_ray(overrides, pattern):
+def test_bad_sections_and_values_are_refused_before_ray(overrides, pattern, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU, whatever machine runs the tests
     with pytest.raises(ConfigError, match=pattern):
         load_config("configs/smoke.yaml", overrides)
 
@@ -162,33 +182,6 @@ def test_loss_accessors_and_kinds():
 def test_generated_source_size_bounds_the_batch():
     with pytest.raises(ConfigError, match=r"train.batch_size = 512 exceeds the training split of generated:gaussian \(80 samples\)"):
         load_config("configs/bimodal_gaussian.yaml", ["data.num_samples=100", "train.batch_size=512"])
-
-
-@pytest.mark.parametrize("overrides, pattern", [
-    (["train.seed=-1"], r"^train.seed = -1: must be greater than or equal to 0$"),
-    (["data.split_seed=-3"], r"^data.split_seed = -3: must be greater than or equal to 0$"),
-    (["tracking.uri=mlflow.db"], r"^tracking.uri = 'mlflow.db': must be a tracking URI such as sqlite:///"),
-    (["tracking.uri=file:///tmp/mlruns"], r"no plain-path or file: store"),
-    (["tracking.run_name=../elsewhere"], r"^tracking.run_name = '../elsewhere': must be a plain name"),
-    (["tracking.run_name=a/b"], r"must be a plain name"),
-    (["loss.name=soft_infonce", "loss.soft_infonce.noise=[0.5, 0.5]"],
-     r"^loss.soft_infonce.noise has 2 entries: data.source = 'builtin:digits' has 10 classes"),
-    (["loss.soft_infonce.noise=abc"], r"^loss.soft_infonce.noise = 'abc': must be a list of class probabilities"),
-    (["loss.mveb.ema_base=1"], r"^loss.mveb.ema_base = 1: must be less than 1$"),
-    (["train=3"], r"^train = 3: must be a section \(a mapping\) of train.epochs, "),
-    (["trian.epochs=3"], r"^unknown config key 'trian'; did you mean section 'train'\?$"),
-    (["optimizer.lr=0.1"], r"^unknown config key 'optimizer'; sections: data, model, train, "),
-    (["train.foo=1"], r"^unknown config key 'train.foo'; train keys: epochs, batch_size, "),
-    (["loss.nmae=mveb"], r"did you mean 'loss.name'\?$"),
-    (["loss.mveb.ema=0.9"], r"did you mean 'loss.mveb.ema_base'\?$"),
-    (["train.use_gpu=true"], r"^train.use_gpu = true \(2 workers x 1\): 2 GPUs wanted, a local Ray will have 0"),
-    (["refresh.num_gpus=0.5"], r"^refresh.num_gpus = 0.5 x 1 actors: 0.5 GPUs wanted"),
-])
-def test_more_bad_values_are_refused_before_ray(overrides, pattern, monkeypatch):
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU, whatever machine runs the tests
-    with pytest.raises(ConfigError, match=pattern):
-        load_config("configs/smoke.yaml", overrides)
 
 
 def test_a_bad_tracking_uri_in_the_environment_is_refused(monkeypatch):
