@@ -30,12 +30,30 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    source: str = Field("builtin:digits", description="dataset: " + ", ".join(sources.SOURCES))
+    source: str = Field("builtin:digits", description=(
+        "dataset: " + ", ".join(sources.BUILTIN_NAMES) + ", images:PATH (a folder; class sub-folders give labels), "
+        "parquet:PATH (a file, folder or glob); PATH local, file://, s3:// or gs://"))
+    test_source: Optional[str] = Field(
+        None, description="held-out data of the same form (images:PATH or parquet:PATH) instead of a test_fraction split")
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="held-out fraction for evaluation")
     split_seed: int = Field(0, ge=0, description="seed of the fixed held-out split")
     num_samples: int = Field(4000, ge=10, description="generated sources: number of pairs")
     dim: int = Field(8, ge=1, description="generated:gaussian: dimension of u and of v")
     seed: int = Field(0, ge=0, description="generated sources: seed of the data")
+    image_column: str = Field("image", min_length=1, description=(
+        "parquet: the column of encoded image bytes or of a fixed-shape numeric tensor"))
+    label_column: Optional[str] = Field(None, description="parquet: the column of labels (integers or strings); none: unlabelled")
+    image_size: Optional[int] = Field(None, ge=4, le=4096, description=(
+        "side images are resized (shorter side) and centre-cropped to on decode; default: the first image's "
+        "shorter side, at most 224"))
+    s3_endpoint: Optional[str] = Field(None, description=(
+        "S3-compatible endpoint URL for s3:// paths (default $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL)"))
+    store: Literal["auto", "object_store", "disk"] = Field("auto", description=(
+        "where the SampleStore keeps the stored samples; auto: the object store when they take at most half of it, "
+        "else memory-mapped files under the run's storage path"))
+    feed_workers: Optional[int] = Field(None, ge=0, description=(
+        "decode/augment processes per train worker; default: the worker's CPUs - 1, at least 1; 0: in the worker, no overlap"))
+    feed_prefetch: int = Field(4, ge=1, description="batches each train worker prepares ahead of the step")
 
     @field_validator("source")
     @classmethod
@@ -43,13 +61,41 @@ class DataConfig(_Section):
         sources.check_source(value)
         return value
 
+    @field_validator("test_source")
+    @classmethod
+    def _user_test_source(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not sources.source_class(value).user_data:
+            raise ValueError("must be images:PATH or parquet:PATH (the built-in sources are split by test_fraction)")
+        return value
+
+    @field_validator("s3_endpoint")
+    @classmethod
+    def _an_endpoint(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be a URL such as http://127.0.0.1:9000 or https://s3.example.com")
+        return value
+
     @model_validator(mode="after")
-    def _generator_keys(self) -> "DataConfig":
+    def _keys_of_the_source(self) -> "DataConfig":
+        kind = sources.source_class(self.source)
+        test_kind = sources.source_class(self.test_source) if self.test_source else None
         if self.source not in sources.GENERATED:
             for key in ("num_samples", "dim", "seed"):
                 if key in self.model_fields_set:
                     raise ValueError(f"data.{key} applies to generated sources "
                                      f"({', '.join(sorted(sources.GENERATED))}), not to {self.source!r}")
+        parquet = sources.ParquetSource in (kind, test_kind)
+        for key in ("image_column", "label_column"):
+            if key in self.model_fields_set and not parquet:
+                raise ValueError(f"data.{key} applies to parquet:PATH sources, not to {self.source!r}")
+        for key in ("image_size", "s3_endpoint"):
+            if key in self.model_fields_set and not kind.user_data:
+                raise ValueError(f"data.{key} applies to images:PATH and parquet:PATH sources, not to {self.source!r}")
+        if self.test_source:
+            if not kind.user_data:
+                raise ValueError(f"data.test_source applies to images:PATH and parquet:PATH sources, not to {self.source!r}")
+            if "test_fraction" in self.model_fields_set:
+                raise ValueError("data.test_source and data.test_fraction both set the held-out data; give one")
         return self
 
     def source_params(self) -> dict[str, Any]:
@@ -57,6 +103,19 @@ class DataConfig(_Section):
         if self.source in sources.GENERATED:
             return {"num_samples": self.num_samples, "dim": self.dim, "seed": self.seed}
         return {}
+
+    def make_sources(self) -> list[sources.Source]:
+        """The source objects of ``source`` and ``test_source`` (when given)."""
+        options = {"image_column": self.image_column, "label_column": self.label_column,
+                   "s3_endpoint": self.s3_endpoint, "num_samples": self.num_samples, "dim": self.dim, "seed": self.seed}
+        return [sources.make_source(spec, **options) for spec in (self.source, self.test_source) if spec]
+
+
+class AugmentConfig(_Section):
+    preset: Literal["auto", "digits", "natural"] = Field("auto", description=(
+        "views: digits (crop, affine, noise; no flips), natural (SimCLR: resized crop, flip, colour jitter, "
+        "grayscale); auto: digits for builtin:digits, natural otherwise"))
+    blur: bool = Field(False, description="natural: add a Gaussian blur with p 0.5 (SimCLR's ImageNet recipe)")
 
 
 class ModelConfig(_Section):
@@ -242,6 +301,12 @@ class RefreshConfig(_Section):
 class EvalConfig(_Section):
     knn_k: int = Field(20, ge=1, description="neighbours in the kNN monitor")
     knn_temperature: float = Field(0.07, gt=0, description="vote weight exp(similarity / T)")
+    max_samples: int = Field(10000, ge=2, description=(
+        "held-out samples evaluated at most (a fixed seeded subset); the rest are never read"))
+    max_train_samples: int = Field(20000, ge=2, description=(
+        "training samples (a fixed seeded subset) the kNN monitor and the linear probe compare against, and "
+        "the batch statistics are computed on"))
+    batch_size: int = Field(512, ge=1, description="samples per forward pass and per similarity chunk in evaluation")
 
 
 class TrackingConfig(_Section):
@@ -292,6 +357,7 @@ class Config(_Section):
     loss: LossConfig = LossConfig()
     sampler: SamplerConfig = SamplerConfig()
     refresh: RefreshConfig = RefreshConfig()
+    augment: AugmentConfig = AugmentConfig()
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
@@ -312,7 +378,8 @@ class Config(_Section):
             raise ValueError(
                 f"data.source = {source!r} is paired data for two towers: loss.name must be one of "
                 f"{', '.join(sorted(BIMODAL_LOSSES))}, got {self.loss.name!r}")
-        if kind == "classifier" and source not in sources.LABELLED:
+        user_data = sources.source_class(source).user_data  # labels known once probed (validate)
+        if kind == "classifier" and source not in sources.LABELLED and not user_data:
             raise ValueError(
                 f"loss.name = 'soft_infonce' trains a classifier: data.source must have labels "
                 f"({', '.join(sorted(sources.LABELLED - sources.PAIRED))}), got {source!r}")
@@ -439,6 +506,7 @@ def validate(raw: dict[str, Any]) -> Config:
     except ValidationError as err:
         raise ConfigError(_describe(err, raw)) from None
     _check_dataset_bounds(config)
+    probe_data(config)
     if config.tracking.uri is None and os.environ.get("MLFLOW_TRACKING_URI"):
         try:
             check_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
@@ -511,8 +579,38 @@ def cpus_per_worker(config: Config, cpus: float) -> float:
     return round(min(1.0, (cpus - reserved) / config.train.num_workers), 4)
 
 
-def _check_dataset_bounds(config: Config) -> None:
-    size = sources.train_size(config.data.source, config.data.test_fraction, config.data.num_samples)
+def probe_data(config: Config) -> None:
+    """Look at the user's data (seconds at most, short storage timeouts) and check it against the loss:
+    the paths exist and hold images or the named columns, and ``soft_infonce`` gets labels.
+
+    Raises:
+        ConfigError: one line naming the path and what is wrong.
+    """
+    made = config.data.make_sources()
+    if not made[0].user_data:
+        return
+    try:
+        probes = [source.probe() for source in made]
+    except sources.SourceError as err:
+        raise ConfigError(str(err)) from None
+    if config.loss.kind == "classifier" and not probes[0].labelled:
+        raise ConfigError(f"loss.name = 'soft_infonce' trains a classifier: data.source = {config.data.source!r} has no "
+                          f"labels (give class sub-folders, or data.label_column for parquet)")
+    noise = config.loss.section("soft_infonce").get("noise")
+    classes = probes[0].num_classes
+    if config.loss.kind == "classifier" and noise is not None and classes is not None and len(noise) != classes:
+        raise ConfigError(f"loss.soft_infonce.noise has {len(noise)} entries: data.source = {config.data.source!r} has "
+                          f"{classes} classes, so it needs one probability per class")
+
+
+def check_dataset_size(config: Config, train_size: int) -> None:
+    """The batch and the graph's out-degree must fit the training split (once its size is known)."""
+    _check_dataset_bounds(config, train_size)
+
+
+def _check_dataset_bounds(config: Config, size: Optional[int] = None) -> None:
+    if size is None:
+        size = sources.train_size(config.data.source, config.data.test_fraction, config.data.num_samples)
     if size is None:
         return
     if config.sampler.k >= size:

@@ -316,7 +316,9 @@ def build_stores(prepared: PreparedData, location: str = "auto", store_dir: Opti
         blocks = []
         for s, split in enumerate(SPLITS):
             listing = prepared.listings[split]
-            bounds = plan_shards(listing.table.column(NBYTES).to_numpy(), min_shards=2 * cpus)
+            nbytes = listing.table.column(NBYTES).to_numpy()
+            # parallel reads pay off past a few MiB; below that one task per split is quickest
+            bounds = plan_shards(nbytes, min_shards=2 * cpus if nbytes.sum() > 16 * 2**20 else 1)
             table = listing.table.append_column(STORE_ID, pa.array(np.arange(listing.size, dtype=np.int64)))
             table = table.append_column(SPLIT, pa.array(np.full(listing.size, s, np.int8)))
             blocks += [table.slice(a, b - a) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]

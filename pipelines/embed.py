@@ -1,11 +1,15 @@
-"""Re-embed the whole training split with a checkpoint's weights, on a Ray Data actor pool.
+"""Re-embed the training split with a checkpoint's weights, streamed through a Ray Data actor pool.
 
-Each pool actor loads the weights once from a checkpoint *path* (never an ObjectRef: a restarted
-actor must be able to rebuild itself, see RAY_NOTES 2.1) and maps batches of ``{id, x}`` to
-``{id, embedding}``. The result is assembled by the explicit ``id`` column, not by execution order.
+The dataset is only the ids to embed, cut into blocks; each pool actor loads the weights once from a
+checkpoint *path* (never an ObjectRef: a restarted actor must be able to rebuild itself, see
+RAY_NOTES 2.1), and for each batch of ids reads the stored samples from the SampleStore (mapped
+shards, O(batch)), decodes them with the evaluation-time transform (decode, resize, no augmentation)
+and returns ``{id, embedding}``. Ray Data streams the blocks through the pool with backpressure, so
+no process ever holds more than a few batches of decoded samples; the result is assembled by the
+explicit ``id`` column, not by execution order.
 
-Cost: one forward pass over N samples, O(N) memory for the ``[N, proj_dim]`` result, plus the pool's
-start-up (a few seconds per pass on CPU).
+Cost: one decode and forward pass over N samples; O(N * D) floats for the ``[N, D]`` result (the graph
+needs all of it), plus the pool's start-up (a few seconds per pass on CPU).
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import pyarrow as pa
 import ray
 import torch
 import torch.nn.functional as F
 
-from pipelines.datasets import ID, collect_by_id, to_dataset
+from pipelines.datasets import ID, collect_by_id
+from pipelines.store import SampleStore
 from trainers.models import build_network, load_weights, network_spec
 
 WEIGHTS_FILE = "model.pt"
@@ -31,19 +37,20 @@ def as_network_spec(network: dict[str, Any], x_shape: tuple[int, ...]) -> dict[s
 
 
 class Embedder:
-    """Callable class for ``map_batches``: L2-normalised graph embeddings of a batch.
+    """Callable class for ``map_batches``: L2-normalised graph embeddings of a batch of store ids.
 
     What is embedded is the network's ``graph_embedding`` (:mod:`trainers.models`): for a Siamese
     network the projector output, the space the loss compares samples in, so the proximity graph
     measures hardness where the loss feels it.
     """
 
-    def __init__(self, checkpoint_dir: str, network: dict[str, Any], device: str = "auto",
+    def __init__(self, checkpoint_dir: str, network: dict[str, Any], store: SampleStore, device: str = "auto",
                  crash_once_marker: Optional[str] = None):
         self.crash_once_marker = crash_once_marker  # fault injection for tests: see __call__
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        self.store = store
         self.model = build_network(network)
         load_weights(self.model, Path(checkpoint_dir, WEIGHTS_FILE))
         self.model.to(self.device).eval()
@@ -53,33 +60,42 @@ class Embedder:
         if self.crash_once_marker and not os.path.exists(self.crash_once_marker):
             Path(self.crash_once_marker).touch()
             os._exit(1)  # this actor process dies mid-pass, once per marker file
-        x = torch.tensor(batch["x"], device=self.device)  # a copy: Ray Data batches are read-only
+        x = torch.from_numpy(self.store.take(batch["store_id"])).to(self.device)
         z = self.model.graph_embedding(x)
         return {ID: batch[ID], "embedding": F.normalize(z, dim=1).float().cpu().numpy()}
 
 
-def embed_store_x(x: np.ndarray, checkpoint_dir: str, network: dict[str, Any], *, pool_size: int = 1,
-                  num_cpus: float = 0.25, num_gpus: float = 0.0, batch_size: int = 512,
-                  output_dir: Optional[str] = None, crash_once_marker: Optional[str] = None) -> np.ndarray:
-    """Graph embeddings ``[N, D]`` (float32, unit rows, row i = id i) of the samples ``x``.
+def embed_store(store: SampleStore, checkpoint_dir: str, network: dict[str, Any], ids: Optional[np.ndarray] = None,
+                *, pool_size: int = 1, num_cpus: float = 0.25, num_gpus: float = 0.0, batch_size: int = 512,
+                output_dir: Optional[str] = None, crash_once_marker: Optional[str] = None) -> np.ndarray:
+    """Graph embeddings (float32, unit rows) of the store's samples ``ids`` (default: all), row i = ``ids[i]``.
 
     Args:
-        x: samples ``[N, *shape]``, id = row index.
+        store: the SampleStore (shipped to the actors as shard handles, never as data).
         checkpoint_dir: a directory holding ``model.pt`` (the network's weights).
         network: a :func:`trainers.models.network_spec` dict, or a bare ``model:`` section (a
-            Siamese network on ``x``).
+            Siamese network on the store's samples).
+        ids: store ids to embed, in the order of the result.
         pool_size, num_cpus, num_gpus: the actor pool and each actor's resources.
-        batch_size: rows per ``map_batches`` call.
+        batch_size: ids per ``map_batches`` call.
         output_dir: if given, the embeddings are also written there as parquet.
         crash_once_marker: fault injection for tests: the first actor to see a batch while this file
             does not exist creates it and kills its own process.
+
+    Shape:
+        returns ``[len(ids), D]``. Cost: O(len(ids)) decodes and forward passes, streamed.
     """
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = to_dataset(x, None, num_blocks=max(pool_size * 2, 2))
-    out = ds.map_batches(
+    ids = np.arange(store.size, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
+    per_block = min(4 * batch_size, max(batch_size, -(-len(ids) // max(2 * pool_size, 2))))  # stream in blocks
+    blocks = [pa.table({ID: pa.array(np.arange(a, min(a + per_block, len(ids)), dtype=np.int64)),
+                        "store_id": pa.array(ids[a:a + per_block])}) for a in range(0, len(ids), per_block)]
+    # ``from_blocks`` computes block metadata here; ``from_arrow`` would launch one metadata task per
+    # block, each asking for a whole CPU, which deadlocks a refresh while train workers hold the CPUs.
+    out = ray.data.from_blocks(blocks).map_batches(
         Embedder,
         fn_constructor_kwargs={"checkpoint_dir": str(checkpoint_dir),
-                               "network": as_network_spec(network, tuple(x.shape[1:])),
+                               "network": as_network_spec(network, store.sample_shape), "store": store,
                                "crash_once_marker": crash_once_marker},
         batch_size=batch_size,
         batch_format="numpy",
@@ -90,6 +106,11 @@ def embed_store_x(x: np.ndarray, checkpoint_dir: str, network: dict[str, Any], *
     if output_dir:
         out.write_parquet(output_dir)
     emb = collect_by_id(out, ["embedding"])["embedding"]
-    if len(emb) != len(x):
-        raise RuntimeError(f"embedding pass returned {len(emb)} rows for {len(x)} samples")
+    if len(emb) != len(ids):
+        raise RuntimeError(f"embedding pass returned {len(emb)} rows for {len(ids)} samples")
     return np.ascontiguousarray(emb, dtype=np.float32)
+
+
+def embed_store_x(x: np.ndarray, checkpoint_dir: str, network: dict[str, Any], **kwargs: Any) -> np.ndarray:
+    """:func:`embed_store` of samples given as an array ``[N, *shape]`` (id = row), for tests and tools."""
+    return embed_store(SampleStore.in_memory(x), checkpoint_dir, network, **kwargs)

@@ -1,7 +1,9 @@
 """The GraphRefresher actor: checkpoint -> embeddings -> proximity graph -> sampler swap.
 
-A refresh takes the directory of a reported checkpoint, re-embeds the whole training split on a Ray
-Data actor pool (:mod:`pipelines.embed`), builds a new proximity graph with faiss
+A refresh takes the directory of a reported checkpoint, re-embeds the training split on a Ray Data
+actor pool that streams the SampleStore in batches with the evaluation-time decode
+(:mod:`pipelines.embed`; nothing of the dataset is collected here, only the ``[N, D]`` embeddings the
+graph needs), builds a new proximity graph with faiss
 (:mod:`samplers.graph`), persists it as an immutable version under the run's storage path, and swaps it
 into the sampler actor. The caller decides the activation: an explicit step (sync refresh at an epoch
 boundary) or the first step not yet served (async, the default), see :mod:`samplers.actor`.
@@ -22,7 +24,7 @@ import ray
 from ray.util.debug import log_once
 
 from pipelines.datasets import SampleStore
-from pipelines.embed import embed_store_x
+from pipelines.embed import embed_store
 from samplers.graph import ProximityGraph, build_proximity_graph
 
 
@@ -80,14 +82,13 @@ class _Refresher:
             neighbour overlap against the previous version, and the path of the version's manifest.
         """
         t0 = time.perf_counter()
-        x = self.store.column("x")
         ids = None
         if self.refresh_cfg.get("scope", "full") == "seen" and self._last is not None and not_before > seen_since:
             plans = ray.get(self.sampler.plans.remote(seen_since, not_before))
             ids = np.unique(plans)
-        fresh = embed_store_x(x if ids is None else x[ids], checkpoint_dir, self.network,
-                              pool_size=self.refresh_cfg["pool_size"], num_cpus=self.refresh_cfg["num_cpus"],
-                              num_gpus=self.refresh_cfg["num_gpus"], batch_size=self.refresh_cfg["batch_size"])
+        fresh = embed_store(self.store, checkpoint_dir, self.network, ids,
+                            pool_size=self.refresh_cfg["pool_size"], num_cpus=self.refresh_cfg["num_cpus"],
+                            num_gpus=self.refresh_cfg["num_gpus"], batch_size=self.refresh_cfg["batch_size"])
         if ids is None:
             emb = fresh
         else:

@@ -7,7 +7,8 @@ Order of events (everything that can be wrong with the config fails before Ray s
   2. start a local Ray on 127.0.0.1, or connect where ``RAY_ADDRESS`` is set;
   3. create the MLflow run: the whole resolved config and derived values as params, the config file
      as an artifact;
-  4. read the source through Ray Data into train/held-out SampleStores;
+  4. read the source through Ray Data into train/held-out SampleStores (the source is listed, split
+     and checked before Ray starts: a bad path or column fails here, in one line);
   5. start the sampler actor and the graph refresher; build graph version 0 from the initial weights;
   6. train with ``TorchTrainer`` (Train V2); rank 0 logs to the same MLflow run;
   7. close the run and print its id and the command that opens the MLflow UI.
@@ -87,12 +88,10 @@ def training_setup(config: Config, train_store) -> tuple[dict[str, Any], dict[st
     options = training.model_dump() if training is not None else None
     v_shape = num_classes = None
     if kind == "bimodal":
-        v_shape = train_store.column("v").shape[1:]
+        v_shape = train_store.v_shape
     if kind == "classifier":
-        from pipelines.sources import NUM_CLASSES
-
-        labels = train_store.column("label")
-        num_classes = NUM_CLASSES[config.data.source]  # not labels.max() + 1: a class may be missing
+        labels = train_store.labels
+        num_classes = train_store.num_classes  # the source's classes, not labels.max() + 1: a class may be missing
         if "noise" not in kwargs and options["noise_from"] == "train_frequencies":
             q = class_frequencies(torch.from_numpy(np.asarray(labels)), num_classes)
             if (q == 0).any():
@@ -101,6 +100,42 @@ def training_setup(config: Config, train_store) -> tuple[dict[str, Any], dict[st
             kwargs["noise"] = q.tolist()
     spec = network_spec(kind, config.model.model_dump(), train_store.sample_shape, v_shape, num_classes)
     return spec, kwargs, options
+
+
+def feed_setup(config: Config, train_store, cpus_per_worker: float) -> dict[str, Any]:
+    """What each worker's feed needs: the resolved augmentation preset and the feed's size."""
+    from trainers.augment import resolve_preset
+    from trainers.feed import default_workers
+
+    shape = train_store.sample_shape
+    preset = resolve_preset(config.augment.preset, config.data.source, shape[0] if len(shape) == 3 else 0)
+    workers = config.data.feed_workers if config.data.feed_workers is not None else default_workers(cpus_per_worker)
+    return {"augment": {"preset": preset, "blur": config.augment.blur}, "feed_workers": workers,
+            "feed_prefetch": config.data.feed_prefetch}
+
+
+def data_params(prepared, splits, data_setup: dict[str, Any]) -> dict[str, Any]:
+    """The data facts logged as params: sizes, decoded shape, classes, store, feed."""
+    classes = prepared.classes or []
+    names = ", ".join(classes)
+    if len(names) > 500:
+        names = names[:500] + f" ... ({len(classes)} classes; data/items_train.csv has them all)"
+    return {"derived.test_size": splits.test.size,
+            "derived.sample_shape": "x".join(str(d) for d in splits.train.sample_shape),
+            "derived.num_classes": len(classes), "derived.classes": names or "-",
+            "derived.store_location": splits.info["location"], "derived.store_shards": splits.info["shards"],
+            "derived.augment_preset": data_setup["augment"]["preset"], "derived.feed_workers": data_setup["feed_workers"]}
+
+
+def data_line(config: Config, prepared, splits) -> str:
+    """One line on the data: source, sizes, classes, decoded shape, where the store lives and its build time."""
+    classes = f"{len(prepared.classes)} classes" if prepared.classes else "unlabelled"
+    held = f"data.test_source {config.data.test_source}" if config.data.test_source else "held out"
+    info = splits.info
+    return (f"data: {config.data.source}: {splits.train.size} training / {splits.test.size} {held} samples, {classes}, "
+            f"decoded {'x'.join(str(d) for d in splits.train.sample_shape)}; store: {info['location']}, "
+            f"{info['stored_bytes'] / 2**20:.1f} MiB stored in {info['shards']} shards, "
+            f"{'reused' if info['reused'] else 'built'} in {info['build_seconds']:.1f} s")
 
 
 def resolved_loss_params(config: Config, loss_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -144,7 +179,7 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.datasets import build_splits
+    from pipelines.datasets import build_stores
     from pipelines.refresh import GraphRefresher
     from samplers.actor import start_sampler
     from trainers.loop import train_loop_per_worker
@@ -174,6 +209,17 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
             raise ConfigError(f"tracking.run_name = {run_name!r}: that run already finished "
                               f"({run_dir}); choose another run name")
 
+    # Checked before Ray starts: the data is listed (or, on resume, its fixed listing read back) and split.
+    from pipelines.config import check_dataset_size
+    from pipelines.datasets import prepare_data
+    from pipelines.sources import SourceError
+
+    try:
+        prepared = prepare_data(config.data.model_dump(), config.eval.model_dump(), run_dir)
+    except SourceError as err:
+        raise ConfigError(str(err)) from None
+    check_dataset_size(config, prepared.sizes["train"])
+
     init_ray(config)
     cluster_cpus = float(ray.cluster_resources().get("CPU", 0))
     check_resources(config, cluster_cpus)
@@ -188,14 +234,28 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
     status, actors = "FAILED", []
     try:
         t_start = time.perf_counter()
-        splits = build_splits(config.data.source, config.data.test_fraction, config.data.split_seed,
-                              **config.data.source_params())
+        try:
+            splits = build_stores(prepared, config.data.store, run_dir / "store")
+        except SourceError as err:
+            raise ConfigError(str(err)) from None
         derived = derive(config, cluster_cpus, splits.train.size)
         spe = derived["derived.steps_per_epoch"]
         network, loss_kwargs, loss_options = training_setup(config, splits.train)
+        data_setup = feed_setup(config, splits.train, derived["derived.cpus_per_worker"])
         if not resume:
             tracker.log_params({**config.flat(), **derived, **resolved_loss_params(config, loss_kwargs),
-                                "derived.network_kind": network["kind"]})
+                                "derived.network_kind": network["kind"], **data_params(prepared, splits, data_setup)})
+            for path in prepared.item_files.values():  # the id -> item map of the run
+                tracker.log_artifact(str(path), "data")
+        tracker.log_metrics({"data/store_build_seconds": splits.info["build_seconds"],
+                             "data/stored_mb": splits.info["stored_bytes"] / 2**20,
+                             "data/unreadable": len(splits.info["unreadable"])}, step=0)
+        _print(data_line(config, prepared, splits))
+        for location, reason in splits.info["unreadable"][:5]:
+            _print(f"data: could not read {location} ({reason}); it is replaced like a corrupt image")
+        if not splits.train.has_labels or not splits.test.has_labels:
+            _print(f"data: {config.data.source} has no labels: eval/knn_acc and the linear probe are skipped "
+                   f"(alignment and uniformity still run)")
         with tempfile.TemporaryDirectory() as tmp:
             resolved = Path(tmp, "config.resolved.yaml")
             resolved.write_text(config.to_yaml())
@@ -243,7 +303,7 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
             "sampler_name": sampler_name, "refresher_name": refresher_name,
             "tracking_uri": uri, "run_id": run_id, "metrics_path": str(run_dir / "metrics.jsonl"),
             "snapshot_root": str(run_dir / "snapshots"), "eval": config.eval.model_dump(),
-            "network": network, "loss_kwargs": loss_kwargs, "loss_options": loss_options,
+            "network": network, "loss_kwargs": loss_kwargs, "loss_options": loss_options, "data": data_setup,
         }
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config=loop_cfg,

@@ -347,6 +347,9 @@ class Source:
         raise NotImplementedError
 
 
+_RAW_CACHE: dict[tuple, RawData] = {}
+
+
 class _ArraySource(Source):
     """A built-in source held as arrays (:class:`RawData`): items are rows of the arrays."""
 
@@ -354,16 +357,12 @@ class _ArraySource(Source):
     name: ClassVar[str] = ""
 
     def raw(self) -> RawData:
-        cached = getattr(self, "_raw", None)
-        if cached is None:
-            cached = self._load()
-            self._raw = cached
-        return cached
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state.pop("_raw", None)  # re-created (deterministically) where it is read
-        return state
+        """The arrays (loaded or generated once per process and parameters)."""
+        key = (type(self).__name__, self.num_samples, self.dim, self.seed)
+        if key not in _RAW_CACHE:
+            _RAW_CACHE.clear()  # one built-in source per process is plenty
+            _RAW_CACHE[key] = self._load()
+        return _RAW_CACHE[key]
 
     def _load(self) -> RawData:
         raise NotImplementedError
@@ -786,7 +785,7 @@ class ParquetSource(Source):
 
 
 KINDS: tuple[type[Source], ...] = (DigitsPairsSource, DigitsSource, GaussianSource, ImageFolderSource, ParquetSource)
-BUILTIN_NAMES = tuple(k.prefix for k in KINDS if k.exact)
+BUILTIN_NAMES = tuple(sorted(k.prefix for k in KINDS if k.exact))
 
 
 def source_class(spec: str) -> type[Source]:

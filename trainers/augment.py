@@ -21,7 +21,7 @@ the feed seeds per batch from ``(train.seed, rank, step)``.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 from torchvision.transforms import v2
@@ -29,7 +29,10 @@ from torchvision.transforms import v2
 PRESETS = ("digits", "natural")
 
 
-def digits_augment(size: int = 8) -> v2.Transform:
+Size = Union[int, Sequence[int]]
+
+
+def digits_augment(size: Size = 8) -> v2.Transform:
     """Augmentations for small grey-scale glyphs: crop-and-resize, affine jitter, pixel noise."""
     return v2.Compose([
         v2.RandomResizedCrop(size, scale=(0.5, 1.0), ratio=(0.75, 1.33), antialias=True),
@@ -39,7 +42,7 @@ def digits_augment(size: int = 8) -> v2.Transform:
     ])
 
 
-def natural_augment(size: int, channels: int = 3, blur: bool = False) -> v2.Transform:
+def natural_augment(size: Size, channels: int = 3, blur: bool = False) -> v2.Transform:
     """SimCLR's augmentations for natural images (see the module docstring)."""
     steps: list[v2.Transform] = [
         v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True),
@@ -48,13 +51,14 @@ def natural_augment(size: int, channels: int = 3, blur: bool = False) -> v2.Tran
     if channels == 3:
         steps += [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2)]
     if blur:
-        kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # odd, about a tenth of the side
+        side = size if isinstance(size, int) else min(size)
+        kernel = max(3, int(0.1 * side) // 2 * 2 + 1)  # odd, about a tenth of the side
         steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5))
     return v2.Compose(steps)
 
 
-def build_augment(preset: str, size: int, channels: int = 3, blur: bool = False) -> v2.Transform:
-    """The transform of ``augment.preset`` for ``[channels, size, size]`` samples."""
+def build_augment(preset: str, size: Size, channels: int = 3, blur: bool = False) -> v2.Transform:
+    """The transform of ``augment.preset`` for ``[channels, *size]`` samples (an int size: square)."""
     if preset == "digits":
         return digits_augment(size)
     if preset == "natural":

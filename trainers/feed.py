@@ -209,7 +209,9 @@ _TRANSFORMS: dict[tuple, Any] = {}
 def _transform(augment: dict[str, Any]):
     key = tuple(sorted(augment.items()))
     if key not in _TRANSFORMS:
-        _TRANSFORMS[key] = build_augment(augment["preset"], int(augment["size"]), int(augment.get("channels", 3)),
+        size = augment["size"]
+        size = int(size) if isinstance(size, (int, np.integer)) else tuple(int(d) for d in size)
+        _TRANSFORMS[key] = build_augment(augment["preset"], size, int(augment.get("channels", 3)),
                                          bool(augment.get("blur", False)))
     return _TRANSFORMS[key]
 

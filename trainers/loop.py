@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from samplers.actor import SamplerClient
+from trainers.feed import Feed
 from trainers.losses import LOSSES
 from trainers.models import load_weights, save_weights
 from trainers.tasks import build_task
@@ -166,7 +167,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     # (1) prepare: same initial weights everywhere (DDP also broadcasts rank 0's), gloo/NCCL DDP.
     torch.manual_seed(train_cfg["seed"])
     loss_fn = LOSSES[conf["loss"]["name"]](**cfg["loss_kwargs"])
-    task = build_task(cfg["network"], loss_fn, cfg.get("loss_options"), conf["eval"])
+    data_cfg = cfg.get("data") or {}
+    task = build_task(cfg["network"], loss_fn, cfg.get("loss_options"), conf["eval"], data_cfg.get("augment"))
     model = ray.train.torch.prepare_model(task.build())
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
     device = ray.train.torch.get_device()
@@ -190,6 +192,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             ray.get(sampler.rewind.remote(start_epoch * spe))
         _barrier()
     client = SamplerClient(sampler, rank, prefetch=sampler_cfg["prefetch"])
+    # (3) feed: decode + augment of the next batches in parallel processes, ahead of the step.
+    feed = Feed(train_store, task.batch_maker(train_store), client.get, workers=data_cfg.get("feed_workers", 0),
+                depth=data_cfg.get("feed_prefetch", 4), seed=train_cfg["seed"], rank=rank, say=_say)
     refresher = ray.get_actor(cfg["refresher_name"]) if cfg.get("refresher_name") else None
     tracker = RunTracker(cfg["tracking_uri"], cfg["run_id"], cfg["metrics_path"], enabled=rank == 0)
     boundaries = set(refresh_boundaries(refresh_cfg["every_epochs"], refresh_cfg["every_steps"], spe, epochs))
@@ -208,13 +213,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             t_wait = time.perf_counter()
             # in sync mode nobody asks for plans past a refresh boundary before the new graph is active
             horizon = min((b for b in boundaries if b > step), default=None) if sync else None
-            ids, version = client.get(step, horizon)
+            batch, version = feed.next(step, horizon, end=epochs * spe)
             window_wait += time.perf_counter() - t_wait
 
             lr = lr_at(epoch + local_step / spe, train_cfg["lr"], train_cfg["warmup_epochs"], epochs)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss, extras = task.step_loss(model, train_store, ids, device)
+            loss, extras = task.batch_loss(model, batch, device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -226,13 +231,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
             if (step + 1) % train_cfg["log_every_steps"] == 0 or local_step == spe - 1:
                 mean_loss = _mean_across_ranks(window_loss / window_steps)
+                skipped = _mean_across_ranks(float(feed.skipped)) * world  # corrupt samples replaced, all ranks
                 if not math.isfinite(mean_loss):
                     raise FloatingPointError(f"train/loss is {mean_loss} at step {step + 1} "
                                              f"(loss {conf['loss']['name']}); stopping before the weights are lost")
                 elapsed = time.perf_counter() - window_start
                 metrics = {"train/loss": mean_loss, "train/lr": lr, "graph/version": version,
                            "train/samples_per_s": window_steps * train_cfg["batch_size"] / elapsed,
-                           "train/data_wait_s": window_wait / window_steps, "epoch": epoch,
+                           "train/data_wait_s": window_wait / window_steps, "data/skipped": skipped, "epoch": epoch,
                            **{k: v / window_steps for k, v in window_extras.items()}}  # rank 0's
                 tracker.log_metrics(metrics, step=step + 1)
                 if rank == 0:
@@ -272,6 +278,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 report_ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=report_ckpt, checkpoint_dir_name=ckpt_name)
 
+    feed.close()
     if caller is not None:
         caller.finish(block=True, step=epochs * spe, teardown=True)  # let a refresh in flight land
 

@@ -16,8 +16,14 @@ kind            losses                   one step
 ==============  =======================  =============================================================
 
 A task holds no Ray: it is driven by the loop and tested directly (tests/trainers/test_tasks.py).
-Randomness (augmentations, mixup weights) comes from torch's global generator, which the loop seeds
-per rank.
+What a batch holds is the task's :meth:`Task.batch_maker`, a small recipe the worker's feed
+(:mod:`trainers.feed`) runs in parallel processes: decoded, augmented views (uint8 for natural
+images, moved to the device as uint8 and scaled there), labels, the v side. Views are seeded per
+batch by the feed; other randomness (mixup weights) comes from torch's global generator, which the
+loop seeds per rank.
+
+Evaluation reads the stores in chunks: at most ``eval.max_samples`` held-out samples (the store
+holds no more) against a fixed seeded subset of at most ``eval.max_train_samples`` training samples.
 """
 
 from __future__ import annotations
@@ -32,16 +38,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from samplers.stats import batch_stats
-from trainers.augment import digits_augment, one_view, two_views
+from trainers.augment import to_float
 from trainers.evaluate import (
     alignment,
-    embed,
+    embed_ids,
     expected_calibration_error,
     knn_accuracy,
     linear_probe_accuracy,
-    retrieval_accuracy,
     uniformity,
 )
+from trainers.feed import BatchMaker
 from trainers.losses import ContrastiveLoss, ema_momentum, mixup_inputs, mixup_targets, normalize, tilt_scores
 from trainers.losses.mveb import vmf_concentration
 from trainers.models import build_network, unwrap
@@ -57,18 +63,28 @@ class Task:
         loss_fn: the built loss module.
         options: the loss's training options (``LossConfig.training()`` as a dict), or ``None``.
         eval_cfg: the ``eval:`` config section.
+        augment: ``{"preset": "digits" | "natural", "blur": bool}`` (the driver resolves
+            ``augment.preset: auto``); default: ``digits`` for 1-channel images, ``natural`` otherwise.
     """
 
     kind: ClassVar[str] = "siamese"
+    views: ClassVar[int] = 2  # augmented views of x per sample in a batch
 
     def __init__(self, spec: dict[str, Any], loss_fn: ContrastiveLoss, options: Optional[dict[str, Any]] = None,
-                 eval_cfg: Optional[dict[str, Any]] = None):
+                 eval_cfg: Optional[dict[str, Any]] = None, augment: Optional[dict[str, Any]] = None):
         self.spec = spec
         self.loss_fn = loss_fn
         self.options = dict(options or {})
-        self.eval_cfg = {"knn_k": 20, "knn_temperature": 0.07, **(eval_cfg or {})}
-        shape = spec["x_shape"]
-        self.augment = digits_augment(int(shape[-1])) if len(shape) == 3 else None
+        self.eval_cfg = {"knn_k": 20, "knn_temperature": 0.07, "max_samples": 10000, "max_train_samples": 20000,
+                         "batch_size": 512, **(eval_cfg or {})}
+        shape = tuple(spec["x_shape"])
+        self.augment_spec: Optional[dict[str, Any]] = None
+        if len(shape) == 3:  # images get views; vectors are used as they are
+            preset = (augment or {}).get("preset") or "auto"
+            if preset == "auto":
+                preset = "digits" if shape[0] == 1 else "natural"
+            self.augment_spec = {"preset": preset, "size": tuple(int(d) for d in shape[1:]), "channels": int(shape[0]),
+                                 "blur": bool((augment or {}).get("blur", False))}
 
     # -- the network and its state ---------------------------------------------------------------
 
@@ -90,58 +106,93 @@ class Task:
 
     # -- one step ----------------------------------------------------------------------------------
 
-    def images(self, store, ids: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(store.take(ids)))
+    def batch_maker(self, store, views: Optional[int] = None) -> BatchMaker:
+        """The recipe of this task's batches from ``store`` (what the feed decodes and augments)."""
+        return BatchMaker(codec=store.codec, v_codec=store.v_codec, views=views or self.views,
+                          augment=self.augment_spec, labels=self.kind == "classifier", pairs=self.kind == "bimodal")
 
-    def augmented(self, x: torch.Tensor) -> torch.Tensor:
-        """One augmented view of every sample (vectors are returned as they are)."""
-        if self.augment is None:
-            return x
-        return one_view(x, self.augment)
-
-    def step_loss(self, model: nn.Module, store, ids: np.ndarray,
-                  device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
-        """The loss of this rank's batch ``ids`` and per-step diagnostics (floats)."""
-        view_a, view_b = two_views(self.images(store, ids), self.augment)
-        _, z = model(torch.cat([view_a, view_b]).to(device))
+    def batch_loss(self, model: nn.Module, batch: dict[str, Any],
+                   device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of this rank's batch (from the feed) and per-step diagnostics (floats)."""
+        view_a, view_b = (to_float(v.to(device, non_blocking=True)) for v in batch["views"])
+        _, z = model(torch.cat([view_a, view_b]))
         z_a, z_b = z.chunk(2)
         return self.loss_fn(z_a, z_b), {}
 
+    def step_loss(self, model: nn.Module, store, ids: np.ndarray,
+                  device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
+        """:meth:`batch_loss` of the batch ``ids`` made in this process (no feed), its views seeded from
+        torch's global generator."""
+        batch = self.batch_maker(store).make(store, ids, seed=int(torch.randint(0, 2**62, (1,))))
+        batch.pop("failures")
+        return self.batch_loss(model, batch, device)
+
     # -- evaluation ------------------------------------------------------------------------------
+
+    def bank(self, train_store) -> np.ndarray:
+        """The training ids evaluation compares against: all of them, or a fixed seeded subset of
+        ``eval.max_train_samples``. O(N) once."""
+        cap = int(self.eval_cfg["max_train_samples"])
+        if train_store.size <= cap:
+            return np.arange(train_store.size)
+        return np.sort(np.random.default_rng(0).choice(train_store.size, cap, replace=False))
 
     def evaluate(self, model: nn.Module, train_store, test_store, plans: np.ndarray,
                  final: bool = False) -> dict[str, float]:
         """Batch statistics of ``plans`` and the held-out metrics; ``final`` adds the linear probe.
 
         Labels are used only here (and by the classifier's loss): the same-class rate of batches, the
-        kNN votes and the probe.
+        kNN votes and the probe. The batch statistics use the epoch's first batches, as many as fit
+        in ``eval.max_train_samples`` samples (all of them on small data).
+
+        Shape:
+            plans: ``[S, W, b]`` the epoch's plans (S steps, W ranks).
         """
         net = unwrap(model)
-        labels = train_store.column("label") if train_store.has_labels else None
-        graph_space = embed(net, train_store.column("x"), encode="graph_embedding")  # where the graph lives
-        stats = batch_stats(plans, graph_space.numpy(), labels)
-        out = {f"sampler/{k}": v for k, v in stats.items() if k != "num_batches"}
+        out = self.batch_metrics(net, train_store, np.asarray(plans))
         out.update(self.task_metrics(net, train_store, test_store))
         if train_store.has_labels and test_store.has_labels:
             out.update(self.label_metrics(net, train_store, test_store, final))
         return out
 
+    def batch_metrics(self, net: nn.Module, train_store, plans: np.ndarray) -> dict[str, float]:
+        """Hardness (and same-class rate) of the first batches of ``plans``, in the graph's space."""
+        batches = plans.reshape(len(plans), -1)
+        keep = max(1, min(len(batches), int(self.eval_cfg["max_train_samples"]) // max(batches.shape[1], 1)))
+        batches = batches[:keep]
+        ids, local = np.unique(batches, return_inverse=True)
+        graph_space = embed_ids(net, train_store, ids, self.eval_cfg["batch_size"], encode="graph_embedding")
+        labels = train_store.labels[ids] if train_store.has_labels else None
+        stats = batch_stats(local.reshape(batches.shape), graph_space.numpy(), labels)
+        return {f"sampler/{k}": v for k, v in stats.items() if k != "num_batches"}
+
+    def _fixed_views(self, net: nn.Module, store) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss-space outputs of two fixed augmented views of every held-out sample, in chunks."""
+        maker = self.batch_maker(store, views=2)
+        size = int(self.eval_cfg["batch_size"])
+        parts_a, parts_b = [], []
+        for start in range(0, store.size, size):
+            ids = np.arange(start, min(start + size, store.size))
+            batch = maker.make(store, ids, seed=start)  # the same views every epoch
+            parts_a.append(embed_views(net, batch["views"][0]))
+            parts_b.append(embed_views(net, batch["views"][1]))
+        return torch.cat(parts_a), torch.cat(parts_b)
+
     def task_metrics(self, net: nn.Module, train_store, test_store) -> dict[str, float]:
         """Alignment and uniformity (Wang and Isola) of the loss space on two fixed views of the
         held-out samples."""
-        test_x = test_store.column("x")
-        with torch.random.fork_rng():  # the same views every epoch, the training streams untouched
-            torch.manual_seed(0)
-            view_a, view_b = two_views(torch.from_numpy(np.array(test_x)), self.augment)
-        z_a, z_b = embed(net, view_a.numpy(), projected=True), embed(net, view_b.numpy(), projected=True)
-        return {"eval/alignment": alignment(z_a, z_b),
-                "eval/uniformity": uniformity(embed(net, test_x, projected=True))}
+        z_a, z_b = self._fixed_views(net, test_store)
+        plain = embed_ids(net, test_store, np.arange(test_store.size), self.eval_cfg["batch_size"], projected=True)
+        return {"eval/alignment": alignment(z_a, z_b), "eval/uniformity": uniformity(plain)}
 
     def label_metrics(self, net: nn.Module, train_store, test_store, final: bool) -> dict[str, float]:
         """kNN accuracy (k = ``eval.knn_k`` and 200) on encoder features; the linear probe when ``final``."""
-        train_feats, test_feats = embed(net, train_store.column("x")), embed(net, test_store.column("x"))
-        train_labels = torch.from_numpy(train_store.column("label"))
-        test_labels = torch.from_numpy(test_store.column("label"))
+        bank = self.bank(train_store)
+        size = self.eval_cfg["batch_size"]
+        train_feats = embed_ids(net, train_store, bank, size)
+        test_feats = embed_ids(net, test_store, np.arange(test_store.size), size)
+        train_labels = torch.from_numpy(train_store.labels[bank])
+        test_labels = torch.from_numpy(np.array(test_store.labels))  # a copy: store arrays may be read-only
         temperature = self.eval_cfg["knn_temperature"]
         out = {"eval/knn_acc": knn_accuracy(train_feats, train_labels, test_feats, test_labels,
                                             k=self.eval_cfg["knn_k"], temperature=temperature),
@@ -150,6 +201,18 @@ class Task:
         if final:
             out["eval/linear_acc"] = linear_probe_accuracy(train_feats, train_labels, test_feats, test_labels)
         return out
+
+
+@torch.no_grad()
+def embed_views(net: nn.Module, views: torch.Tensor, projected: bool = True) -> torch.Tensor:
+    """L2-normalised loss-space outputs of a batch of views (uint8 or float) in eval mode.
+
+    Shape:
+        views: ``[B, C, H, W]`` -> ``[B, D]``.
+    """
+    from trainers.evaluate import embed
+
+    return embed(net, views.numpy(), batch_size=len(views) or 1, projected=projected)
 
 
 class SiameseTask(Task):
@@ -182,9 +245,8 @@ class EMATask(Task):
         device = next(online.parameters()).device
         self.target.to(device).train()
 
-    def step_loss(self, model, store, ids, device):
-        view_a, view_b = two_views(self.images(store, ids), self.augment)
-        views = torch.cat([view_a, view_b]).to(device)
+    def batch_loss(self, model, batch, device):
+        views = torch.cat([to_float(v.to(device, non_blocking=True)) for v in batch["views"]])
         _, z = model(views)
         with torch.no_grad():
             _, t = self.target(views)
@@ -225,6 +287,7 @@ class ClassifierTask(Task):
     """
 
     kind = "classifier"
+    views = 1
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -232,9 +295,9 @@ class ClassifierTask(Task):
         self.targets = self.options.get("targets", "smoothing")
         self.mixup_alpha = float(self.options.get("mixup_alpha", 0.8))
 
-    def step_loss(self, model, store, ids, device):
-        x = self.augmented(self.images(store, ids))
-        labels = torch.from_numpy(np.ascontiguousarray(store.take(ids, "label")))
+    def batch_loss(self, model, batch, device):
+        x = to_float(batch["views"][0])
+        labels = batch["label"]
         if self.targets == "mixup":
             lam = float(torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha).sample())
             x = mixup_inputs(x, lam)
@@ -247,8 +310,9 @@ class ClassifierTask(Task):
         return loss, {"train/accuracy": accuracy}
 
     def task_metrics(self, net, train_store, test_store) -> dict[str, float]:
-        logits = embed(net, test_store.column("x"), projected=True, normalize=False)
-        labels = torch.from_numpy(test_store.column("label"))
+        logits = embed_ids(net, test_store, np.arange(test_store.size), self.eval_cfg["batch_size"],
+                           projected=True, normalize=False)
+        labels = torch.from_numpy(np.array(test_store.labels))
         probs = torch.softmax(logits.double() / self.loss_fn.temperature, dim=1)
         return {"eval/accuracy": float((logits.argmax(1) == labels).double().mean()),
                 "eval/ece": expected_calibration_error(probs, labels, bins=15)}
@@ -265,22 +329,42 @@ class BimodalTask(Task):
     """
 
     kind = "bimodal"
+    views = 1
 
-    def step_loss(self, model, store, ids, device):
-        u = self.augmented(self.images(store, ids))
-        v = torch.from_numpy(np.ascontiguousarray(store.take(ids, "v")))
-        z_u, z_v = model(u.to(device), v.to(device))
+    def batch_loss(self, model, batch, device):
+        u = to_float(batch["views"][0].to(device, non_blocking=True))
+        z_u, z_v = model(u, batch["v"].to(device))
         return self.loss_fn(z_u, z_v), {}
 
     def task_metrics(self, net, train_store, test_store) -> dict[str, float]:
-        v = torch.from_numpy(np.array(test_store.column("v")))
-        z_u = embed(net, test_store.column("x"), projected=True, normalize=False)
-        z_v = embed(net, v.numpy(), projected=True, normalize=False, encode="encode_v")
-        scores = tilt_scores(z_u.double(), z_v.double(), self.loss_fn.tilt, self.loss_fn.temperature)
-        return {"eval/retrieval_acc": retrieval_accuracy(scores, v, v),
-                "eval/retrieval_acc_u": retrieval_accuracy(scores.T, v, v),
+        ids, size = np.arange(test_store.size), self.eval_cfg["batch_size"]
+        v = torch.from_numpy(test_store.take(ids, "v"))
+        z_u = embed_ids(net, test_store, ids, size, projected=True, normalize=False)
+        z_v = embed_ids(net, test_store, ids, size, projected=True, normalize=False, encode="encode_v", column="v")
+        acc_v, acc_u = chunked_retrieval(z_u.double(), z_v.double(), v, self.loss_fn.tilt, self.loss_fn.temperature,
+                                         chunk=size)
+        return {"eval/retrieval_acc": acc_v,
+                "eval/retrieval_acc_u": acc_u,
                 "eval/alignment": alignment(F.normalize(z_u, dim=1), F.normalize(z_v, dim=1)),
                 "eval/uniformity": uniformity(F.normalize(z_u, dim=1))}
+
+
+def chunked_retrieval(z_u: torch.Tensor, z_v: torch.Tensor, keys: torch.Tensor, tilt: str, temperature: float,
+                      chunk: int = 512) -> tuple[float, float]:
+    """Top-1 retrieval accuracy of v from u and of u from v (``trainers.evaluate.retrieval_accuracy``),
+    scoring ``chunk`` queries at a time (never the whole score matrix). Cost: O(N^2 D) time, O(chunk N) memory.
+
+    Shape:
+        z_u, z_v: ``[N, D]`` (row i is a pair); keys: ``[N, d]`` the v values (equal keys count as hits).
+    """
+    hits_v = hits_u = 0.0
+    for a in range(0, len(z_u), chunk):
+        rows = slice(a, a + chunk)
+        best_v = tilt_scores(z_u[rows], z_v, tilt, temperature).argmax(dim=1)  # v for each u query
+        hits_v += float((keys[best_v] == keys[rows]).all(dim=1).double().sum())
+        best_u = tilt_scores(z_u, z_v[rows], tilt, temperature).argmax(dim=0)  # u for each v query
+        hits_u += float((keys[best_u] == keys[rows]).all(dim=1).double().sum())
+    return hits_v / max(len(z_u), 1), hits_u / max(len(z_u), 1)
 
 
 TASKS: dict[str, type[Task]] = {"siamese": SiameseTask, "ema": EMATask, "classifier": ClassifierTask,
@@ -288,8 +372,8 @@ TASKS: dict[str, type[Task]] = {"siamese": SiameseTask, "ema": EMATask, "classif
 
 
 def build_task(spec: dict[str, Any], loss_fn: ContrastiveLoss, options: Optional[dict[str, Any]] = None,
-               eval_cfg: Optional[dict[str, Any]] = None) -> Task:
+               eval_cfg: Optional[dict[str, Any]] = None, augment: Optional[dict[str, Any]] = None) -> Task:
     """The task of ``spec["kind"]``."""
     if spec["kind"] not in TASKS:
         raise ValueError(f"task kind must be one of {sorted(TASKS)}, got {spec['kind']!r}")
-    return TASKS[spec["kind"]](spec, loss_fn, options, eval_cfg)
+    return TASKS[spec["kind"]](spec, loss_fn, options, eval_cfg, augment)
