@@ -163,7 +163,7 @@ def open_storage(uri: str, endpoint: Optional[str] = None, probe: bool = False):
 
 
 def _credentials_hint(uri: str) -> str:
-    if not uri.startswith("s3://"):
+    if "s3://" not in uri:
         return ""
     names = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
              "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
@@ -176,7 +176,7 @@ def storage_error(uri: str, err: Exception, endpoint: Optional[str] = None) -> S
     """One line for an I/O failure on ``uri``: unreachable storage, denied access, missing bucket."""
     text = " ".join(str(err).split())
     low = text.lower()
-    where = f" at {s3_endpoint(endpoint)}" if uri.startswith("s3://") and s3_endpoint(endpoint) else ""
+    where = f" at {s3_endpoint(endpoint)}" if "s3://" in uri and s3_endpoint(endpoint) else ""
     if any(s in low for s in ("could not connect", "couldn't connect", "connection refused", "timed out",
                               "network_connection", "resolve host", "curlcode")):
         return SourceError(f"{uri}: cannot reach the storage{where} ({text[:160]})")
@@ -430,7 +430,7 @@ class ImageFolderSource(Source):
 
     def _top(self, probe: bool):
         fs, root = self.filesystem(probe)
-        info = _file_info(fs, root, self.path, self.s3_endpoint)
+        info = _file_info(fs, root, self.spec, self.s3_endpoint)
         import pyarrow.fs as pafs
 
         if info.type == pafs.FileType.NotFound:
