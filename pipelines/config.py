@@ -114,7 +114,7 @@ class DataConfig(_Section):
 class AugmentConfig(_Section):
     preset: Literal["auto", "digits", "natural"] = Field("auto", description=(
         "views: digits (crop, affine, noise; no flips), natural (SimCLR: resized crop, flip, colour jitter, "
-        "grayscale); auto: digits for builtin:digits, natural otherwise"))
+        "grayscale); auto: digits for 1-channel images (builtin:digits), natural otherwise"))
     blur: bool = Field(False, description="natural: add a Gaussian blur with p 0.5 (SimCLR's ImageNet recipe)")
 
 

@@ -129,6 +129,12 @@ class Task:
 
     # -- evaluation ------------------------------------------------------------------------------
 
+    def eval_rows(self, store) -> int:
+        """Samples per evaluation forward pass: ``eval.batch_size``, fewer for large images so that
+        one chunk holds at most 2^23 input values (55 samples of 3 x 224 x 224)."""
+        per_sample = int(np.prod(store.sample_shape))
+        return int(max(8, min(int(self.eval_cfg["batch_size"]), (1 << 23) // max(per_sample, 1))))
+
     def bank(self, train_store) -> np.ndarray:
         """The training ids evaluation compares against: all of them, or a fixed seeded subset of
         ``eval.max_train_samples``. O(N) once."""
@@ -161,7 +167,7 @@ class Task:
         keep = max(1, min(len(batches), int(self.eval_cfg["max_train_samples"]) // max(batches.shape[1], 1)))
         batches = batches[:keep]
         ids, local = np.unique(batches, return_inverse=True)
-        graph_space = embed_ids(net, train_store, ids, self.eval_cfg["batch_size"], encode="graph_embedding")
+        graph_space = embed_ids(net, train_store, ids, self.eval_rows(train_store), encode="graph_embedding")
         labels = train_store.labels[ids] if train_store.has_labels else None
         stats = batch_stats(local.reshape(batches.shape), graph_space.numpy(), labels)
         return {f"sampler/{k}": v for k, v in stats.items() if k != "num_batches"}
@@ -169,7 +175,7 @@ class Task:
     def _fixed_views(self, net: nn.Module, store) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss-space outputs of two fixed augmented views of every held-out sample, in chunks."""
         maker = self.batch_maker(store, views=2)
-        size = int(self.eval_cfg["batch_size"])
+        size = self.eval_rows(store)
         parts_a, parts_b = [], []
         for start in range(0, store.size, size):
             ids = np.arange(start, min(start + size, store.size))
@@ -182,13 +188,13 @@ class Task:
         """Alignment and uniformity (Wang and Isola) of the loss space on two fixed views of the
         held-out samples."""
         z_a, z_b = self._fixed_views(net, test_store)
-        plain = embed_ids(net, test_store, np.arange(test_store.size), self.eval_cfg["batch_size"], projected=True)
+        plain = embed_ids(net, test_store, np.arange(test_store.size), self.eval_rows(test_store), projected=True)
         return {"eval/alignment": alignment(z_a, z_b), "eval/uniformity": uniformity(plain)}
 
     def label_metrics(self, net: nn.Module, train_store, test_store, final: bool) -> dict[str, float]:
         """kNN accuracy (k = ``eval.knn_k`` and 200) on encoder features; the linear probe when ``final``."""
         bank = self.bank(train_store)
-        size = self.eval_cfg["batch_size"]
+        size = self.eval_rows(train_store)
         train_feats = embed_ids(net, train_store, bank, size)
         test_feats = embed_ids(net, test_store, np.arange(test_store.size), size)
         train_labels = torch.from_numpy(train_store.labels[bank])
@@ -310,7 +316,7 @@ class ClassifierTask(Task):
         return loss, {"train/accuracy": accuracy}
 
     def task_metrics(self, net, train_store, test_store) -> dict[str, float]:
-        logits = embed_ids(net, test_store, np.arange(test_store.size), self.eval_cfg["batch_size"],
+        logits = embed_ids(net, test_store, np.arange(test_store.size), self.eval_rows(test_store),
                            projected=True, normalize=False)
         labels = torch.from_numpy(np.array(test_store.labels))
         probs = torch.softmax(logits.double() / self.loss_fn.temperature, dim=1)
@@ -337,7 +343,7 @@ class BimodalTask(Task):
         return self.loss_fn(z_u, z_v), {}
 
     def task_metrics(self, net, train_store, test_store) -> dict[str, float]:
-        ids, size = np.arange(test_store.size), self.eval_cfg["batch_size"]
+        ids, size = np.arange(test_store.size), self.eval_rows(test_store)
         v = torch.from_numpy(test_store.take(ids, "v"))
         z_u = embed_ids(net, test_store, ids, size, projected=True, normalize=False)
         z_v = embed_ids(net, test_store, ids, size, projected=True, normalize=False, encode="encode_v", column="v")
