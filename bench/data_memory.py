@@ -37,13 +37,21 @@ ROOT = Path(__file__).resolve().parents[1]
 KB = 1024
 
 
-def _status(pid: int) -> dict[str, int]:
+def _status(pid: int, detail: bool = False) -> dict[str, int]:
+    """kB figures of a process: RSS and its parts from ``status``; with ``detail`` the proportional
+    set sizes from ``smaps_rollup`` (a page shared by n processes counts 1/n in each: forked feed
+    processes share their parent's pages until written)."""
     out = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             key, _, value = line.partition(":")
             if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem", "PPid"):
                 out[key] = int(value.split()[0])
+        if detail:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+                key, _, value = line.partition(":")
+                if key in ("Pss", "Pss_Anon", "Pss_File", "Pss_Shmem"):
+                    out[key] = int(value.split()[0])
     except (OSError, ValueError):
         return {}
     return out
@@ -99,14 +107,14 @@ class Sampler:
         tree = _tree(self.root)
         total = 0
         for pid in tree:
-            st = _status(pid)
+            st = _status(pid, detail=True)
             if not st:
                 continue
             kind = _kind(pid, self.root, tree)
             peak = self.peak[kind]
-            for key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+            for key in ("VmRSS", "RssAnon", "RssFile", "RssShmem", "Pss_Anon", "Pss_Shmem"):
                 peak[key] = max(peak[key], st.get(key, 0))
-            total += st.get("RssAnon", 0)
+            total += st.get("Pss_Anon", st.get("RssAnon", 0))
         self.total_peak = max(self.total_peak, total)
 
 
@@ -178,7 +186,7 @@ def report(result: dict, count: int, side: int) -> None:
     print(f"   trained {result['steps']} steps; last samples/s {[round(v) for v in result['samples_per_s']]}, "
           f"data wait s {[round(v, 3) for v in result['data_wait_s']]}; wall {result['wall_s']:.0f} s, rc {result['returncode']}")
     print(f"   {'process':22s} {'peak RSS MiB':>12s} {'anon':>8s} {'file (mmap)':>11s} {'shm (obj store)':>15s} "
-          f"{'anon vs decoded float32':>24s}")
+          f"{'PSS anon':>9s} {'anon vs decoded float32':>24s}")
     for kind in ("driver", "train worker", "feed process", "refresher", "Ray Data actor", "raylet", "gcs_server",
                  "sampler", "train controller", "other Ray processes"):
         peak = result["peak"].get(kind)
@@ -186,8 +194,8 @@ def report(result: dict, count: int, side: int) -> None:
             continue
         mib = lambda kb: kb * KB / 2**20  # noqa: E731
         print(f"   {kind:22s} {mib(peak['VmRSS']):12.0f} {mib(peak['RssAnon']):8.0f} {mib(peak['RssFile']):11.0f} "
-              f"{mib(peak['RssShmem']):15.0f} {peak['RssAnon'] * KB / naive:24.3f}")
-    print(f"   all processes together, anonymous: {result['total_anon_peak_kb'] * KB / 2**30:.2f} GiB peak; "
+              f"{mib(peak['RssShmem']):15.0f} {mib(peak['Pss_Anon']):9.0f} {peak['RssAnon'] * KB / naive:24.3f}")
+    print(f"   all processes together, anonymous (PSS): {result['total_anon_peak_kb'] * KB / 2**30:.2f} GiB peak; "
           f"the decoded float32 of the set would be {naive / 2**30:.1f} GiB per process holding it")
 
 

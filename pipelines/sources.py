@@ -158,7 +158,10 @@ def open_storage(uri: str, endpoint: Optional[str] = None, probe: bool = False):
                           region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
         return pafs.S3FileSystem(**kwargs), f"{parsed.netloc}{parsed.path}".rstrip("/")
     if scheme in ("gs", "gcs"):
-        return pafs.GcsFileSystem(retry_time_limit_seconds=5 if probe else 60), f"{parsed.netloc}{parsed.path}".rstrip("/")
+        from datetime import timedelta
+
+        return (pafs.GcsFileSystem(retry_time_limit=timedelta(seconds=5 if probe else 60)),
+                f"{parsed.netloc}{parsed.path}".rstrip("/"))
     raise SourceError(f"{uri!r}: unsupported storage scheme {scheme + '://'!r}; use a local path, file://, s3:// or gs://")
 
 
@@ -462,12 +465,24 @@ class ImageFolderSource(Source):
         return SourceError(f"images:{self.path}: no images found{where} (looked for "
                            f"{', '.join(IMAGE_EXTENSIONS)}, any case{seen})")
 
+    def _not_splits(self, classes: list[str]) -> None:
+        """Refuse a folder whose sub-folders are splits (train/test), not classes."""
+        splits = {"train", "test", "val", "valid", "validation"}
+        if len(classes) >= 2 and {c.lower() for c in classes} <= splits:
+            names = ", ".join(classes)
+            train = next((c for c in classes if c.lower() == "train"), classes[0])
+            other = next((c for c in classes if c != train), classes[1])
+            raise SourceError(f"images:{self.path}: its sub-folders ({names}) look like splits, not classes: "
+                              f"set data.source=images:{self.path.rstrip('/')}/{train} and "
+                              f"data.test_source=images:{self.path.rstrip('/')}/{other}")
+
     def probe(self) -> Probe:
         fs, root = self._top(probe=True)
         infos = _list_files(fs, root, f"images:{self.path}", self.s3_endpoint, recursive=False)
         if not infos:
             raise SourceError(f"images:{self.path}: the folder is empty")
         classes, files, others = self._split(infos, root)
+        self._not_splits(classes)
         if classes:
             return Probe(labelled=True, num_classes=len(classes))
         if not files:
@@ -482,6 +497,7 @@ class ImageFolderSource(Source):
         if not infos:
             raise SourceError(f"images:{self.path}: the folder is empty")
         classes, files, others = self._split(infos, root)
+        self._not_splits(classes)
         if classes:
             index = {name: i for i, name in enumerate(classes)}
             members = [(index[rel.split("/", 1)[0]], rel, size) for rel, size in files if "/" in rel]

@@ -197,6 +197,8 @@ def test_config_checks_the_data_before_ray(tmp_path, folders):
         ([f"data.source=images:{root / 'flat'}", "loss.name=soft_infonce"], "has no labels"),
         (["data.image_size=32"], "data.image_size applies to images:PATH and parquet:PATH"),
         (["augment.preset=imagenet"], "augment.preset"),
+        (["data.source=images:hdfs://nn/data"], "unsupported storage scheme 'hdfs://'"),
+        ([f"data.source=images:{root / 'labelled'}"], "look like splits, not classes: set data.source=images:"),
     ]
     for overrides, fragment in cases:
         with pytest.raises(ConfigError, match=None) as err:
