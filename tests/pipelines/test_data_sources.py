@@ -55,6 +55,20 @@ def test_image_folder_labels_match_torchvision_image_folder(folders):
     assert got == [(path, y) for path, y in reference.samples]
 
 
+def test_nested_folders_keep_image_folders_order(tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    for rel in ("b/z.png", "b/a b/y.png", "b/a/x.PNG", "b/a-c/w.jpg", "a/q.webp", "a/.hidden.png", "_skip/s.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    listing = make_source(f"images:{tmp_path}").list()
+    reference = ImageFolder(str(tmp_path), loader=lambda path: path,
+                            is_valid_file=lambda p: p.lower().endswith(IMAGE_EXTENSIONS) and "/." not in p)
+    assert listing.classes == ["a", "b"] == [c for c in reference.classes if not c.startswith("_")]
+    assert [str(tmp_path / loc) for loc in listing.table.column("location").to_pylist()] == \
+        [path for path, _ in reference.samples if "/_skip/" not in path]
+
+
 def test_flat_folder_is_unlabelled_and_reads_exact_bytes(folders):
     root, _, flat = folders
     source = make_source(f"images:{root / 'flat'}")
@@ -157,7 +171,7 @@ def test_store_keeps_uint8_tensors_and_plans_contiguous_shards():
     ("images:{root}/labelled/train/class_00/class_00_000001.webp", {}, "is a file"),
     ("images:{root}/empty", {}, "the folder is empty"),
     ("images:{root}/texts", {}, "no images found (looked for .jpg, .jpeg, .png, .webp, .bmp"),
-    ("images:{root}/hollow", {}, "class folder(s) 'b' hold no images"),
+    ("images:{root}/hollow", {}, "class folder 'b' holds no images"),
     ("parquet:{root}/nowhere.parquet", {}, "no such file or folder"),
     ("parquet:{root}/p.parquet", {"image_column": "pixels"}, "is not a column of p.parquet (its columns: image, label)"),
     ("parquet:{root}/p.parquet", {"label_column": "class"}, "data.label_column = 'class' is not a column"),
