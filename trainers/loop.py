@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch.distributed as dist
 from samplers.actor import SamplerClient
 from trainers.losses import LOSSES
 from trainers.models import load_weights, save_weights
+from trainers.progress import ProgressPoster, quiet_logging
 from trainers.tasks import build_task
 from trainers.tracking import RunTracker
 
@@ -76,8 +76,11 @@ class _RefreshCaller:
     ``refresh/teardown_wait_seconds`` instead (no training is left to stall).
     """
 
-    def __init__(self, refresher, mode: str, snapshot_root: str, tracker: RunTracker):
+    def __init__(self, refresher, store, mode: str, snapshot_root: str, tracker: RunTracker,
+                 poster: Optional[ProgressPoster] = None):
         self.refresher = refresher
+        self.store = store  # the training split, sent with every refresh
+        self.poster = poster or ProgressPoster(None)
         self.mode = mode
         self.snapshot_root = Path(snapshot_root)
         self.tracker = tracker
@@ -110,7 +113,8 @@ class _RefreshCaller:
         snapshot.mkdir(parents=True, exist_ok=True)
         save_weights(model, snapshot / MODEL_FILE)
         activate = boundary if self.mode == "sync" else None
-        self.pending = self.refresher.refresh.remote(str(snapshot), activate, boundary, self.last_boundary)
+        self.pending = self.refresher.refresh.remote(self.store, str(snapshot), activate, boundary,
+                                                     self.last_boundary)
         self.pending_overhead = time.perf_counter() - t0
         self.last_boundary = boundary
         if self.mode == "sync":
@@ -137,6 +141,10 @@ class _RefreshCaller:
         else:
             metrics["refresh/stall_seconds"] = self.pending_overhead + waited
         self.tracker.log_metrics(metrics, step=step)
+        self.poster.post("refresh", version=info["version"], activate_step=info["activate_step"],
+                         embed_seconds=info["embed_seconds"], graph_seconds=info["graph_seconds"],
+                         stall_seconds=None if teardown else metrics["refresh/stall_seconds"],
+                         deferred=self.deferred_count)
         if info.get("manifest"):
             self.tracker.log_artifact(info["manifest"], "graphs")
         return metrics["refresh/stall_seconds"]
@@ -155,7 +163,20 @@ def _barrier() -> None:
         dist.barrier()
 
 
+class FailureReporter(ray.train.UserCallback):
+    """Runs in the Train controller: posts each worker failure and its cause to the run's progress
+    relay, so the console shows why the worker group restarts (or why the run ends)."""
+
+    def __init__(self, relay_name: Optional[str]):
+        self.relay_name = relay_name
+
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+        causes = {f"{type(err).__name__}: {err}".splitlines()[0][:300] for err in worker_exceptions.values()}
+        ProgressPoster(self.relay_name).post("failure", ranks=sorted(worker_exceptions), error="; ".join(sorted(causes)))
+
+
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    quiet_logging()
     conf = cfg["config"]
     train_cfg, sampler_cfg, refresh_cfg = conf["train"], conf["sampler"], conf["refresh"]
     ctx = ray.train.get_context()
@@ -192,10 +213,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     client = SamplerClient(sampler, rank, prefetch=sampler_cfg["prefetch"])
     refresher = ray.get_actor(cfg["refresher_name"]) if cfg.get("refresher_name") else None
     tracker = RunTracker(cfg["tracking_uri"], cfg["run_id"], cfg["metrics_path"], enabled=rank == 0)
+    poster = ProgressPoster(cfg.get("progress_name"), enabled=rank == 0)
+    if checkpoint is not None:
+        poster.post("resume", epoch=start_epoch)
     boundaries = set(refresh_boundaries(refresh_cfg["every_epochs"], refresh_cfg["every_steps"], spe, epochs))
     if refresher is None:
         boundaries = set()
-    caller = _RefreshCaller(refresher, refresh_cfg["mode"], cfg["snapshot_root"], tracker) if rank == 0 else None
+    caller = (_RefreshCaller(refresher, train_store, refresh_cfg["mode"], cfg["snapshot_root"], tracker, poster)
+              if rank == 0 else None)
     sync = refresh_cfg["mode"] == "sync"
 
     for epoch in range(start_epoch, epochs):
@@ -235,9 +260,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                            "train/data_wait_s": window_wait / window_steps, "epoch": epoch,
                            **{k: v / window_steps for k, v in window_extras.items()}}  # rank 0's
                 tracker.log_metrics(metrics, step=step + 1)
-                if rank == 0:
-                    _say(f"epoch {epoch + 1}/{epochs} step {step + 1}/{epochs * spe} loss {mean_loss:.4f} "
-                         f"samples/s {metrics['train/samples_per_s']:.0f} graph v{version}")
+                poster.post("window", epoch=epoch, step=step + 1, steps=window_steps, seconds=elapsed,
+                            loss=mean_loss, samples_per_s=metrics["train/samples_per_s"], version=version)
                 window_start, window_steps, window_loss, window_wait = time.perf_counter(), 0, 0.0, 0.0
                 window_extras = {}
 
@@ -257,8 +281,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             plans = ray.get(sampler.plans.remote(epoch * spe, (epoch + 1) * spe))
             metrics.update(task.evaluate(model, train_store, test_store, plans, final=epoch + 1 == epochs))
             tracker.log_metrics(metrics, step=(epoch + 1) * spe)
-            _say(f"epoch {epoch + 1}/{epochs} " + " ".join(
-                f"{key} {metrics[key]:.4f}" for key in _HEADLINE if key in metrics))
+            poster.post("epoch", epoch=epoch, step=(epoch + 1) * spe,
+                        metrics={k: float(v) for k, v in metrics.items() if k != "epoch"})
         ckpt_name = f"epoch_{epoch:04d}"
         with tempfile.TemporaryDirectory() as tmp:
             report_ckpt = None
@@ -276,10 +300,6 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         caller.finish(block=True, step=epochs * spe, teardown=True)  # let a refresh in flight land
 
 
-_HEADLINE = ("eval/knn_acc", "eval/accuracy", "eval/ece", "eval/retrieval_acc", "sampler/hardness",
-             "sampler/same_class_rate")
-
-
 def _refresh_metrics(info: dict[str, Any]) -> dict[str, float]:
     out = {"refresh/embed_seconds": info["embed_seconds"], "refresh/graph_seconds": info["graph_seconds"],
            "refresh/version": info["version"], "refresh/activate_step": info["activate_step"]}
@@ -288,10 +308,3 @@ def _refresh_metrics(info: dict[str, Any]) -> dict[str, float]:
         out["refresh/embedding_drift"] = info["drift"]
         out["refresh/neighbour_overlap"] = info["neighbour_overlap"]
     return out
-
-
-def _say(line: str) -> None:
-    """One progress line on the worker's stdout (Ray forwards it to the driver once; the ``print``
-    that Ray Train patches into workers would emit it twice)."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()

@@ -140,8 +140,8 @@ class Task:
     def label_metrics(self, net: nn.Module, train_store, test_store, final: bool) -> dict[str, float]:
         """kNN accuracy (k = ``eval.knn_k`` and 200) on encoder features; the linear probe when ``final``."""
         train_feats, test_feats = embed(net, train_store.column("x")), embed(net, test_store.column("x"))
-        train_labels = torch.from_numpy(train_store.column("label"))
-        test_labels = torch.from_numpy(test_store.column("label"))
+        train_labels = torch.tensor(train_store.column("label"))
+        test_labels = torch.tensor(test_store.column("label"))
         temperature = self.eval_cfg["knn_temperature"]
         out = {"eval/knn_acc": knn_accuracy(train_feats, train_labels, test_feats, test_labels,
                                             k=self.eval_cfg["knn_k"], temperature=temperature),
@@ -248,7 +248,7 @@ class ClassifierTask(Task):
 
     def task_metrics(self, net, train_store, test_store) -> dict[str, float]:
         logits = embed(net, test_store.column("x"), projected=True, normalize=False)
-        labels = torch.from_numpy(test_store.column("label"))
+        labels = torch.tensor(test_store.column("label"))
         probs = torch.softmax(logits.double() / self.loss_fn.temperature, dim=1)
         return {"eval/accuracy": float((logits.argmax(1) == labels).double().mean()),
                 "eval/ece": expected_calibration_error(probs, labels, bins=15)}

@@ -146,15 +146,15 @@ def test_refresher_builds_persists_and_swaps(ray_env, tmp_path):
     store = SampleStore.from_arrays(x=x)
     kwargs = dict(num_nodes=300, global_batch=32, world_size=2, seed=0, strategy="rwr", restart_prob=0.2)
     actor = start_sampler("sampler-refresh", kwargs, str(tmp_path / "state.json"))
-    refresher = GraphRefresher.remote(store, MODEL_CFG, {"k": 5, "m": 40},
+    refresher = GraphRefresher.remote(MODEL_CFG, {"k": 5, "m": 40},
                                       {"pool_size": 1, "num_cpus": 0.25, "num_gpus": 0.0, "batch_size": 128},
-                                      str(tmp_path / "graphs"), actor, 0)
+                                      str(tmp_path / "graphs"), "sampler-refresh", 0)
     for seed, name in ((0, "a"), (1, "b")):
         torch.manual_seed(seed)
         (tmp_path / name).mkdir()
         save_weights(build_model(MODEL_CFG, in_channels=1), tmp_path / name / "model.pt")
-    first = ray_env.get(refresher.refresh.remote(str(tmp_path / "a"), 0))
-    second = ray_env.get(refresher.refresh.remote(str(tmp_path / "b"), None, 10))
+    first = ray_env.get(refresher.refresh.remote(store, str(tmp_path / "a"), 0))
+    second = ray_env.get(refresher.refresh.remote(store, str(tmp_path / "b"), None, 10))
     assert (first["version"], first["activate_step"]) == (0, 0)
     assert second["version"] == 1 and second["activate_step"] == 10  # not_before holds it back
     assert (tmp_path / "graphs" / "v0001.npz").exists()
@@ -176,17 +176,17 @@ def test_refresh_scope_seen_re_embeds_only_rows_of_served_plans(ray_env, tmp_pat
     store = SampleStore.from_arrays(x=x)
     kwargs = dict(num_nodes=400, global_batch=32, world_size=2, seed=0, strategy="rwr", restart_prob=0.2)
     actor = start_sampler("sampler-seen", kwargs, str(tmp_path / "state.json"))
-    refresher = GraphRefresher.remote(store, MODEL_CFG, {"k": 5, "m": 40},
+    refresher = GraphRefresher.remote(MODEL_CFG, {"k": 5, "m": 40},
                                       {"pool_size": 1, "num_cpus": 0.25, "num_gpus": 0.0, "batch_size": 128,
-                                       "scope": "seen"}, str(tmp_path / "graphs"), actor, 0)
+                                       "scope": "seen"}, str(tmp_path / "graphs"), "sampler-seen", 0)
     for seed, name in ((0, "a"), (1, "b")):
         torch.manual_seed(seed)
         (tmp_path / name).mkdir()
         save_weights(build_model(MODEL_CFG, in_channels=1), tmp_path / name / "model.pt")
-    first = ray_env.get(refresher.refresh.remote(str(tmp_path / "a"), 0))
+    first = ray_env.get(refresher.refresh.remote(store, str(tmp_path / "a"), 0))
     assert first["scope"] == "full" and first["embedded_rows"] == 400  # nothing to keep yet
     seen = np.unique(ray_env.get(actor.plans.remote(0, 3)))  # the plans of steps 0..2
-    second = ray_env.get(refresher.refresh.remote(str(tmp_path / "b"), None, 3, 0))
+    second = ray_env.get(refresher.refresh.remote(store, str(tmp_path / "b"), None, 3, 0))
     assert second["scope"] == "seen" and second["embedded_rows"] == len(seen) < 400
     old = np.load(tmp_path / "graphs" / "v0000_embeddings.npy")
     new = np.load(tmp_path / "graphs" / "v0001_embeddings.npy")
