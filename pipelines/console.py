@@ -121,6 +121,7 @@ class Console:
         self._epoch_windows: list[dict[str, Any]] = []
         self._drawn = False  # a live bar is on the current line
         self._deferred = 0  # deferred refreshes already reported
+        self._failed = False  # a worker failure was reported
 
     # -- events ------------------------------------------------------------------------------------
     def handle(self, event: dict[str, Any]) -> None:
@@ -161,15 +162,22 @@ class Console:
             self._deferred = event["deferred"]
         self._line(text)
 
-    def _on_resume(self, event: dict[str, Any]) -> None:
+    def _on_start(self, event: dict[str, Any]) -> None:
         self.started, self.first_step = None, event["epoch"] * self.steps_per_epoch
         self._epoch_windows = []
-        self._line(f"resuming from the checkpoint of epoch {event['epoch']}: training epochs "
-                   f"{event['epoch'] + 1}..{self.epochs}")
+        if event["epoch"] > 0:
+            self._line(f"resuming from the checkpoint of epoch {event['epoch']}: training epochs "
+                       f"{event['epoch'] + 1}..{self.epochs}")
+        elif self._failed:
+            self._line("restarting from the first epoch: no checkpoint had been saved yet")
 
     def _on_failure(self, event: dict[str, Any]) -> None:
-        self._line(f"worker failure on rank(s) {event['ranks']}: {event['error']}; Ray Train restarts the "
-                   f"worker group from the last checkpoint if train.max_failures allows")
+        self._failed = True
+        # a dead process is the cause; the other ranks' collective errors ("connection reset") follow
+        died = ("ActorDiedError", "WorkerHealthCheckFailedError")
+        errors = sorted(event["errors"].items(), key=lambda item: (not item[1].startswith(died), int(item[0])))
+        self._line("worker failure: " + "; ".join(f"rank {rank} {error}" for rank, error in errors)
+                   + " (Ray Train restarts the worker group from the last checkpoint while train.max_failures allows)")
 
     def _on_warning(self, event: dict[str, Any]) -> None:
         self._line(f"warning: {event['message']}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +34,9 @@ from trainers.tasks import build_task
 from trainers.tracking import RunTracker
 
 MODEL_FILE = "model.pt"  # the file pipelines.embed loads
+# Fault injection for the end-to-end tests: "RANK:STEP:MARKER" makes that rank's process die at the
+# start of that global step, once per marker file (the file is created just before).
+FAULT_ENV = "HARDBATCH_FAULT_ONCE"
 OPTIM_FILE = "optimizer.pt"
 META_FILE = "meta.json"
 
@@ -150,6 +154,17 @@ class _RefreshCaller:
         return metrics["refresh/stall_seconds"]
 
 
+def _maybe_fail(rank: int, step: int) -> None:
+    """Die like a crashed worker when :data:`FAULT_ENV` names this rank and step (tests only)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    fault_rank, fault_step, marker = spec.split(":", 2)
+    if int(fault_rank) == rank and int(fault_step) == step and not os.path.exists(marker):
+        Path(marker).touch()
+        os._exit(1)
+
+
 def _mean_across_ranks(value: float) -> float:
     if not (dist.is_available() and dist.is_initialized()):
         return value
@@ -171,8 +186,9 @@ class FailureReporter(ray.train.UserCallback):
         self.relay_name = relay_name
 
     def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
-        causes = {f"{type(err).__name__}: {err}".splitlines()[0][:300] for err in worker_exceptions.values()}
-        ProgressPoster(self.relay_name).post("failure", ranks=sorted(worker_exceptions), error="; ".join(sorted(causes)))
+        errors = {int(rank): f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
+                  for rank, err in worker_exceptions.items()}
+        ProgressPoster(self.relay_name).post("failure", errors=errors)
 
 
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
@@ -214,8 +230,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     refresher = ray.get_actor(cfg["refresher_name"]) if cfg.get("refresher_name") else None
     tracker = RunTracker(cfg["tracking_uri"], cfg["run_id"], cfg["metrics_path"], enabled=rank == 0)
     poster = ProgressPoster(cfg.get("progress_name"), enabled=rank == 0)
-    if checkpoint is not None:
-        poster.post("resume", epoch=start_epoch)
+    poster.post("start", epoch=start_epoch)  # every (re)start of the worker group
     boundaries = set(refresh_boundaries(refresh_cfg["every_epochs"], refresh_cfg["every_steps"], spe, epochs))
     if refresher is None:
         boundaries = set()
@@ -229,6 +244,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         window_extras: dict[str, float] = {}
         for local_step in range(spe):
             step = epoch * spe + local_step
+            _maybe_fail(rank, step)
             # (3) feed: this rank's row of the global plan; the task fetches its columns and views.
             t_wait = time.perf_counter()
             # in sync mode nobody asks for plans past a refresh boundary before the new graph is active

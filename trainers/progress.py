@@ -15,8 +15,10 @@ An event is a plain dict with a ``kind`` and its fields:
 ``epoch``    an epoch ended: ``epoch`` (0-based), ``step``, ``metrics`` (the evaluation)
 ``refresh``  a graph version landed: ``version``, ``activate_step``, ``embed_seconds``,
              ``graph_seconds``, ``stall_seconds``, ``deferred`` (async refreshes put off so far)
-``resume``   the worker group (re)started from a checkpoint: ``epoch`` (first epoch it trains)
-``failure``  a worker failed (posted by the Train controller's callback): ``ranks``, ``error``
+``start``    the worker group (re)started: ``epoch``, the first epoch it trains (> 0: resumed from
+             the checkpoint of the epoch before)
+``failure``  workers failed (posted by the Train controller's callback): ``errors``, rank ->
+             ``"ExceptionType: first line"``
 ``warning``  something the user should know: ``message``
 ===========  ===============================================================================
 

@@ -74,14 +74,17 @@ def test_live_mode_redraws_one_bar_and_ends_the_line_for_events():
 
 def test_restart_and_failure_are_announced_and_restart_resets_the_eta_clock():
     console, stream, now = _console(live=False)
-    console.handle({"kind": "failure", "ranks": [1], "error": "RuntimeError: boom"})
-    console.handle({"kind": "resume", "epoch": 2})
+    console.handle({"kind": "failure", "errors": {"0": "RuntimeError: Connection reset by peer",
+                                                  "1": "ActorDiedError: The actor died unexpectedly"}})
+    console.handle({"kind": "start", "epoch": 2})
     now.t += 10.0
     console.handle(_window(2, 25, 1.0))  # its 5 steps took 4 s
     now.t += 6.0
     console.handle({"kind": "epoch", "epoch": 2, "step": 30, "metrics": {}})
     lines = stream.getvalue().splitlines()
-    assert "worker failure on rank(s) [1]: RuntimeError: boom" in lines[0]
+    # the dead process first: it is the cause of the other rank's error
+    assert ("worker failure: rank 1 ActorDiedError: The actor died unexpectedly; "
+            "rank 0 RuntimeError: Connection reset by peer") in lines[0]
     assert "resuming from the checkpoint of epoch 2: training epochs 3..4" in lines[1]
     # speed counted from the resumed step 20: 10 steps in 10 s, 10 left -> 10 s
     assert "0:10 elapsed" in lines[2] and "ETA 0:10" in lines[2]
@@ -113,3 +116,13 @@ def test_quiet_logging_turns_info_down_unless_verbose(monkeypatch):
     assert logging.getLogger("ray.train").level == logging.INFO
     quiet_logging()
     assert all(logging.getLogger(n).level == logging.WARNING for n in ("ray", "ray.train", "mlflow"))
+
+
+def test_a_restart_without_checkpoint_says_so_and_a_first_start_says_nothing():
+    console, stream, _ = _console(live=False)
+    console.handle({"kind": "start", "epoch": 0})
+    assert stream.getvalue() == ""
+    console.handle({"kind": "failure", "errors": {1: "WorkerHealthCheckFailedError: A worker health check failed."}})
+    console.handle({"kind": "start", "epoch": 0})
+    assert stream.getvalue().splitlines()[-1] == (
+        "[hardbatch] restarting from the first epoch: no checkpoint had been saved yet")
