@@ -1,6 +1,6 @@
 """hardbatch: contrastive training on Ray with batches drawn from a proximity graph.
 
-    hardbatch run CONFIG [--set key=value ...]       train, log to MLflow
+    hardbatch run CONFIG [--set key=value ...] [-v]  train, log to MLflow (-v: Ray's own lines too)
     hardbatch validate CONFIG [--set key=value ...]  check a config without starting Ray
     hardbatch sweep CONFIG --grid key=v1,v2 [--grid ...] [--seeds N] [--set key=value ...]
                                                      every combination, as child runs of one MLflow run
@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -30,6 +31,9 @@ def _add_config_args(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("config", help="YAML config file, e.g. configs/digits.yaml")
     cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override one config key, e.g. --set train.epochs=3 (repeatable)")
+    cmd.add_argument("-v", "--verbose", action="store_true",
+                     help="show Ray's and MLflow's own INFO lines too (default: hardbatch's progress, "
+                          "warnings and errors only)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,6 +73,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    if not os.environ.get("RAY_ADDRESS"):
+        # A local Ray with token authentication, as a choice rather than Ray's default (which warns
+        # on every start). Set before Ray is imported: Ray reads it once, at import.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if getattr(args, "verbose", False):
+        from trainers.progress import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"  # read by this process and the local Ray's workers
     if args.command == "compare":
         from pipelines.compare import main_compare
 

@@ -26,6 +26,7 @@ from ray.util.debug import log_once
 from pipelines.datasets import SampleStore
 from pipelines.embed import embed_store
 from samplers.graph import ProximityGraph, build_proximity_graph
+from trainers.progress import quiet_logging
 
 
 def graph_path(graph_dir: str | Path, version: int) -> Path:
@@ -42,33 +43,42 @@ def neighbour_overlap(old: np.ndarray, new: np.ndarray) -> float:
 
 
 class _Refresher:
-    def __init__(self, store: SampleStore, network: dict[str, Any], sampler_cfg: dict[str, Any],
-                 refresh_cfg: dict[str, Any], graph_dir: str, sampler, seed: int):
-        self.store = store
+    """The refresh procedure. The training store comes with every :meth:`refresh` call and the
+    sampler actor by name, not as constructor arguments: a restartable actor must not depend on
+    constructor arguments held in the object store (a restart after they are freed would fail; Ray
+    warns about it)."""
+
+    def __init__(self, network: dict[str, Any], sampler_cfg: dict[str, Any], refresh_cfg: dict[str, Any],
+                 graph_dir: str, sampler_name: str, seed: int):
         self.network = network
         self.sampler_cfg = sampler_cfg
         self.refresh_cfg = refresh_cfg
         self.graph_dir = Path(graph_dir)
         self.graph_dir.mkdir(parents=True, exist_ok=True)
-        self.sampler = sampler
+        self.sampler = ray.get_actor(sampler_name)
         self.seed = seed
         self._last: Optional[tuple[np.ndarray, np.ndarray]] = None  # embeddings, neighbours
         self.load_latest()
+        quiet_logging(ray_data=True)  # Ray Data's execution-plan lines, unless --verbose
         # Ray Data warns "no available CPUs ... will hang" (once per process) whenever it starts
         # while every CPU is held, e.g. while the previous pool's actor is still being released.
         # The pool's CPUs are reserved apart from the train workers' (README: Sizing), so the
         # warning is a false alarm here; mark it as already logged.
         log_once("cpu_warning")
+        # Progress bars are off on purpose (the run's console reports refreshes); Ray Data warns
+        # once per process that they are.
+        log_once("ray_data_progress_manager_disabled")
 
     def next_version(self) -> int:
         existing = sorted(self.graph_dir.glob("v*.npz"))
         return int(existing[-1].stem[1:]) + 1 if existing else 0
 
-    def refresh(self, checkpoint_dir: str, activate_step: Optional[int] = None, not_before: int = 0,
-                seen_since: int = 0) -> dict:
+    def refresh(self, store: SampleStore, checkpoint_dir: str, activate_step: Optional[int] = None,
+                not_before: int = 0, seen_since: int = 0) -> dict:
         """Build and activate a new graph version from the weights in ``checkpoint_dir``.
 
         Args:
+            store: the training split's store (its ids are the graph's nodes).
             checkpoint_dir: directory holding ``model.pt``.
             activate_step: the step the version becomes active at; ``None``: the first step not yet
                 served (async).
@@ -86,7 +96,7 @@ class _Refresher:
         if self.refresh_cfg.get("scope", "full") == "seen" and self._last is not None and not_before > seen_since:
             plans = ray.get(self.sampler.plans.remote(seen_since, not_before))
             ids = np.unique(plans)
-        fresh = embed_store(self.store, checkpoint_dir, self.network, ids,
+        fresh = embed_store(store, checkpoint_dir, self.network, ids,
                             pool_size=self.refresh_cfg["pool_size"], num_cpus=self.refresh_cfg["num_cpus"],
                             num_gpus=self.refresh_cfg["num_gpus"], batch_size=self.refresh_cfg["batch_size"])
         if ids is None:

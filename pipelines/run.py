@@ -41,20 +41,34 @@ class RunResult:
 
 
 def init_ray(config: Config) -> None:
-    """Connect to ``RAY_ADDRESS`` when set, else start a private local Ray bound to 127.0.0.1."""
+    """Connect to ``RAY_ADDRESS`` when set, else start a private local Ray bound to 127.0.0.1.
+
+    Unless ``--verbose``, Ray's INFO lines are turned down and its known-harmless lines dropped
+    (:mod:`pipelines.console`).
+    """
+    import logging
+
     import ray
+
+    from pipelines.console import drop_harmless_worker_lines
+    from trainers.progress import is_verbose, quiet_logging
 
     if ray.is_initialized():
         return
+    verbose = is_verbose()
+    quiet_logging(verbose)
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     if not sys.stdout.isatty():  # worker lines in a log file or pipe: no ANSI colour codes
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    level = logging.INFO if verbose else logging.WARNING
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(namespace=NAMESPACE, log_to_driver=True)
+        ray.init(namespace=NAMESPACE, log_to_driver=True, logging_level=level)
     else:
         ray.init(address="local", namespace=NAMESPACE, num_cpus=local_cpus(config),
-                 object_store_memory=config.ray.object_store_mb * 1024 * 1024,
+                 object_store_memory=config.ray.object_store_mb * 1024 * 1024, logging_level=level,
                  include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
+    if not verbose:
+        drop_harmless_worker_lines()
 
 
 def derive(config: Config, cluster_cpus: float, train_size: int) -> dict[str, Any]:
@@ -176,17 +190,20 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
     """
     import ray
     import torch
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from pipelines.console import Console, ConsolePump
     from pipelines.datasets import build_stores
     from pipelines.refresh import GraphRefresher
     from samplers.actor import start_sampler
-    from trainers.loop import train_loop_per_worker
+    from trainers.loop import FailureReporter, train_loop_per_worker
     from trainers.models import build_network, save_weights
+    from trainers.progress import ProgressRelay, is_verbose, quiet_logging
     from trainers.tracking import RunTracker
 
     t_called = time.perf_counter()
+    quiet_logging()
     uri = resolve_tracking_uri(config.tracking.uri)
     run_name = config.tracking.run_name or (
         f"{config.loss.name}-{config.sampler.name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -231,7 +248,7 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
         client, run_id = _start_mlflow_run(config, uri, run_name, parent_run_id)
         run_file.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
     tracker = RunTracker(uri, run_id, str(run_dir / "metrics.jsonl"))
-    status, actors = "FAILED", []
+    status, actors, pump = "FAILED", [], None
     try:
         t_start = time.perf_counter()
         try:
@@ -281,22 +298,26 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
             has_versions = bool(json.loads(state_file.read_text())["versions"]) if state_file.exists() else False
             refresher_name = f"refresher-{run_id}"
             refresher = GraphRefresher.options(name=refresher_name).remote(
-                splits.train, network, config.sampler.model_dump(),
-                config.refresh.model_dump(), str(run_dir / "graphs"), sampler, config.train.seed)
+                network, config.sampler.model_dump(),
+                config.refresh.model_dump(), str(run_dir / "graphs"), sampler_name, config.train.seed)
             actors.append(refresher)
             if not has_versions:  # graph v0 from the initial weights (a resumed run reloads its versions)
                 init_dir = run_dir / "init"
                 init_dir.mkdir(exist_ok=True)
                 torch.manual_seed(config.train.seed)  # the workers' initial weights (same seed, same spec)
                 save_weights(build_network(network), init_dir / "model.pt")
-                info = ray.get(refresher.refresh.remote(str(init_dir), 0))
+                info = ray.get(refresher.refresh.remote(splits.train, str(init_dir), 0))
                 tracker.log_metrics({"refresh/embed_seconds": info["embed_seconds"],
                                      "refresh/graph_seconds": info["graph_seconds"], "graph/version": 0,
                                      **{f"graph/{k}": v for k, v in info["stats"].items()}}, step=0)
                 tracker.log_artifact(info["manifest"], "graphs")
                 _print(f"graph v0: {info['embed_seconds']:.1f} s embedding, {info['graph_seconds']:.2f} s build")
 
-        # (6) train.
+        # (6) train; rank 0 posts its progress to the relay, the driver prints it.
+        progress_name = f"progress-{run_id}"
+        relay = ProgressRelay.options(name=progress_name).remote()
+        actors.append(relay)
+        pump = ConsolePump(relay, Console(config.train.epochs, spe, config.train.batch_size)).start()
         loop_cfg = {
             "config": config.model_dump(), "steps_per_epoch": spe,
             "train_store": splits.train, "test_store": splits.test,
@@ -304,6 +325,7 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
             "tracking_uri": uri, "run_id": run_id, "metrics_path": str(run_dir / "metrics.jsonl"),
             "snapshot_root": str(run_dir / "snapshots"), "eval": config.eval.model_dump(),
             "network": network, "loss_kwargs": loss_kwargs, "loss_options": loss_options, "data": data_setup,
+            "progress_name": progress_name,
         }
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config=loop_cfg,
@@ -311,8 +333,12 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
                                          resources_per_worker={"CPU": derived["derived.cpus_per_worker"]}),
             run_config=RunConfig(name="train", storage_path=str(run_dir),
                                  failure_config=FailureConfig(max_failures=config.train.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=None)),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=None),
+                                 callbacks=[FailureReporter(progress_name)],
+                                 logging_config=LoggingConfig(log_level="INFO" if is_verbose() else "WARNING")),
         )
+        _print(f"starting {config.train.num_workers} Ray Train workers "
+               f"({derived['derived.cpus_per_worker']:g} CPUs{' and 1 GPU' if config.train.use_gpu else ''} each)")
         result = trainer.fit()
         if result.error is not None:
             raise result.error
@@ -321,13 +347,17 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
         status = "FINISHED"
         final = client.get_run(run_id).data.metrics
     finally:
+        if pump is not None:
+            pump.stop()  # print what the workers posted last
         client.set_terminated(run_id, status=status)
         for actor in actors:  # the run is over; its state is on disk
             ray.kill(actor, no_restart=True)
-    headline = next((k for k in ("eval/knn_acc", "eval/retrieval_acc", "eval/accuracy") if k in final), None)
     total = time.perf_counter() - t_called
-    _print((f"done: {headline} {final[headline]:.4f}, " if headline else "done: ")
-           + f"{wall:.0f} s of training, {total:.0f} s in all with Ray start-up")
+    shown = [f"{key} {final[key]:.4f}" for key in ("eval/knn_acc", "eval/linear_acc", "eval/retrieval_acc",
+                                                  "eval/accuracy") if key in final]
+    _print(f"done: {', '.join(shown) + '; ' if shown else ''}{wall:.0f} s of training, "
+           f"{total:.0f} s in all with Ray start-up")
+    _print(f"checkpoints, graph versions and metrics.jsonl: {run_dir}")
     _print(f"MLflow run id: {run_id}")
     _print(f"open the MLflow UI: {_mlflow_command()} ui --backend-store-uri {uri} --host 127.0.0.1")
     return RunResult(run_id=run_id, tracking_uri=uri, run_dir=run_dir, metrics=final)
@@ -340,4 +370,6 @@ def _mlflow_command() -> str:
 
 
 def _print(message: str) -> None:
-    print(f"[hardbatch] {message}", file=sys.stdout, flush=True)
+    from pipelines.console import say
+
+    say(message)

@@ -129,13 +129,27 @@ def s3_endpoint(configured: Optional[str] = None) -> Optional[str]:
     return configured or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
-def open_storage(uri: str, endpoint: Optional[str] = None, probe: bool = False):
+def s3_credentials() -> dict[str, str]:
+    """Credentials given as environment variables in this process (the driver's shell), as
+    ``S3FileSystem`` keyword arguments; empty when none are set (then pyarrow's own chain applies in
+    each process: profiles, ``~/.aws``, instance roles)."""
+    if not (os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY")):
+        return {}
+    out = {"access_key": os.environ["AWS_ACCESS_KEY_ID"], "secret_key": os.environ["AWS_SECRET_ACCESS_KEY"]}
+    if os.environ.get("AWS_SESSION_TOKEN"):
+        out["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    return out
+
+
+def open_storage(uri: str, endpoint: Optional[str] = None, probe: bool = False,
+                 credentials: Optional[dict[str, str]] = None):
     """A pyarrow file system and the path inside it for a local path or a file/s3/gs URI.
 
     Args:
         uri: ``/data/x``, ``relative/x``, ``file:///data/x``, ``s3://bucket/key`` or ``gs://bucket/key``.
         endpoint: S3-compatible endpoint URL (``http://127.0.0.1:9000``); see :func:`s3_endpoint`.
         probe: short timeouts and a single attempt (a check must not take minutes on a dead host).
+        credentials: S3 keys (:func:`s3_credentials`); ``None``: pyarrow's default chain.
 
     Returns:
         ``(filesystem, path)``.
@@ -150,7 +164,7 @@ def open_storage(uri: str, endpoint: Optional[str] = None, probe: bool = False):
     if scheme == "s3":
         kwargs: dict[str, Any] = {
             "connect_timeout": 2.0 if probe else 10.0, "request_timeout": 5.0 if probe else 60.0,
-            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=1 if probe else 3)}
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=1 if probe else 3), **(credentials or {})}
         endpoint = s3_endpoint(endpoint)
         if endpoint:
             ep = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
@@ -318,6 +332,9 @@ class Source:
         self.image_column, self.label_column = image_column, label_column
         self.s3_endpoint = s3_endpoint
         self.num_samples, self.dim, self.seed = num_samples, dim, seed
+        # S3 keys from the driver's environment travel with the source into Ray's read tasks, so
+        # workers (on any node, started before or after) read with the same identity
+        self.credentials = s3_credentials() if "s3://" in self.path else {}
         self._fs = None
 
     def __getstate__(self):
@@ -328,9 +345,9 @@ class Source:
     def filesystem(self, probe: bool = False):
         """``(pyarrow file system, path inside it)`` of ``self.path``."""
         if probe:
-            return open_storage(self.path, self.s3_endpoint, probe=True)
+            return open_storage(self.path, self.s3_endpoint, probe=True, credentials=self.credentials)
         if self._fs is None:
-            self._fs = open_storage(self.path, self.s3_endpoint)
+            self._fs = open_storage(self.path, self.s3_endpoint, credentials=self.credentials)
         return self._fs
 
     def probe(self) -> Probe:

@@ -1,26 +1,81 @@
-"""Shared fixtures: one capped local Ray per test module that asks for it.
+"""Shared fixtures: one Ray head for the whole test session.
 
-``address="local"`` always starts a private instance, so a cluster left running on the machine can
-never hijack the tests; the object store is capped so several test runs fit in memory.
+Every Ray of the session uses token authentication with one token made here, passed in the
+environment (``RAY_AUTH_TOKEN``), so neither the user's ``~/.ray`` nor a cluster already running on
+the machine is touched. :func:`ray_head` is a real ``ray start --head`` bound to 127.0.0.1 on free
+ports with a private temp dir; the integration tests' driver (:func:`ray_local`) and the
+end-to-end jobs connect to it, so Ray starts once, not once per module or job. Only the processes
+of that head (its process group) are stopped at the end.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
+# Set before anything imports Ray: Ray reads its auth mode once, at import.
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+os.environ.pop("RAY_ADDRESS", None)  # a cluster in the caller's shell must not capture the tests
+
+from _procs import free_port, stop_group  # noqa: E402  (tests/e2e is on the pytest pythonpath)
+
+BIN = Path(sys.executable).parent  # the venv's ray, hardbatch, mlflow
 
 
-@pytest.fixture(scope="module")
-def ray_local():
+@dataclass(frozen=True)
+class Head:
+    """A running Ray head: its GCS address, its dashboard (Jobs API) URL and its temp dir."""
+
+    address: str
+    dashboard: str
+    temp_dir: Path
+    num_cpus: int
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """``ray start --head`` on 127.0.0.1 (2 CPUs, 1 GiB object store, token auth) for the session."""
+    temp = Path(tempfile.mkdtemp(prefix="hbray", dir="/tmp"))  # short: Ray's unix socket paths
+    port, dashboard_port = free_port(), free_port()
+    cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
+           "--port", str(port), "--dashboard-port", str(dashboard_port),
+           "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+           "--num-cpus", "2", "--object-store-memory", str(1024 * 1024 * 1024),
+           "--temp-dir", str(temp / "ray"), "--disable-usage-stats"]
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
+    head = subprocess.Popen(cmd, env=env, cwd=temp, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = head.communicate(timeout=180)
+        assert head.returncode == 0, out[-3000:]
+        yield Head(address=f"127.0.0.1:{port}", dashboard=f"http://127.0.0.1:{dashboard_port}",
+                   temp_dir=temp / "ray", num_cpus=2)
+    finally:
+        if head.poll() is None:
+            head.kill()
+            head.wait()
+        stop_group(head.pid)  # `ray start` made the group; the head's daemons stay in it
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_local(ray_head):
+    """This process as a driver of the session's head (namespace ``hardbatch-tests``)."""
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address="local", num_cpus=2, object_store_memory=256 * 1024 * 1024, include_dashboard=False,
-             _node_ip_address="127.0.0.1", namespace="hardbatch-tests", log_to_driver=False)
+    ray.init(address=ray_head.address, namespace="hardbatch-tests", log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-import sys
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -30,10 +30,14 @@ from samplers.actor import SamplerClient
 from trainers.feed import Feed
 from trainers.losses import LOSSES
 from trainers.models import load_weights, save_weights
+from trainers.progress import ProgressPoster, quiet_logging
 from trainers.tasks import build_task
 from trainers.tracking import RunTracker
 
 MODEL_FILE = "model.pt"  # the file pipelines.embed loads
+# Fault injection for the end-to-end tests: "RANK:STEP:MARKER" makes that rank's process die at the
+# start of that global step, once per marker file (the file is created just before).
+FAULT_ENV = "HARDBATCH_FAULT_ONCE"
 OPTIM_FILE = "optimizer.pt"
 META_FILE = "meta.json"
 
@@ -77,8 +81,11 @@ class _RefreshCaller:
     ``refresh/teardown_wait_seconds`` instead (no training is left to stall).
     """
 
-    def __init__(self, refresher, mode: str, snapshot_root: str, tracker: RunTracker):
+    def __init__(self, refresher, store, mode: str, snapshot_root: str, tracker: RunTracker,
+                 poster: Optional[ProgressPoster] = None):
         self.refresher = refresher
+        self.store = store  # the training split, sent with every refresh
+        self.poster = poster or ProgressPoster(None)
         self.mode = mode
         self.snapshot_root = Path(snapshot_root)
         self.tracker = tracker
@@ -111,7 +118,8 @@ class _RefreshCaller:
         snapshot.mkdir(parents=True, exist_ok=True)
         save_weights(model, snapshot / MODEL_FILE)
         activate = boundary if self.mode == "sync" else None
-        self.pending = self.refresher.refresh.remote(str(snapshot), activate, boundary, self.last_boundary)
+        self.pending = self.refresher.refresh.remote(self.store, str(snapshot), activate, boundary,
+                                                     self.last_boundary)
         self.pending_overhead = time.perf_counter() - t0
         self.last_boundary = boundary
         if self.mode == "sync":
@@ -138,9 +146,24 @@ class _RefreshCaller:
         else:
             metrics["refresh/stall_seconds"] = self.pending_overhead + waited
         self.tracker.log_metrics(metrics, step=step)
+        self.poster.post("refresh", version=info["version"], activate_step=info["activate_step"],
+                         embed_seconds=info["embed_seconds"], graph_seconds=info["graph_seconds"],
+                         stall_seconds=None if teardown else metrics["refresh/stall_seconds"],
+                         deferred=self.deferred_count)
         if info.get("manifest"):
             self.tracker.log_artifact(info["manifest"], "graphs")
         return metrics["refresh/stall_seconds"]
+
+
+def _maybe_fail(rank: int, step: int) -> None:
+    """Die like a crashed worker when :data:`FAULT_ENV` names this rank and step (tests only)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    fault_rank, fault_step, marker = spec.split(":", 2)
+    if int(fault_rank) == rank and int(fault_step) == step and not os.path.exists(marker):
+        Path(marker).touch()
+        os._exit(1)
 
 
 def _mean_across_ranks(value: float) -> float:
@@ -156,7 +179,21 @@ def _barrier() -> None:
         dist.barrier()
 
 
+class FailureReporter(ray.train.UserCallback):
+    """Runs in the Train controller: posts each worker failure and its cause to the run's progress
+    relay, so the console shows why the worker group restarts (or why the run ends)."""
+
+    def __init__(self, relay_name: Optional[str]):
+        self.relay_name = relay_name
+
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+        errors = {int(rank): f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
+                  for rank, err in worker_exceptions.items()}
+        ProgressPoster(self.relay_name).post("failure", errors=errors)
+
+
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    quiet_logging()
     conf = cfg["config"]
     train_cfg, sampler_cfg, refresh_cfg = conf["train"], conf["sampler"], conf["refresh"]
     ctx = ray.train.get_context()
@@ -192,15 +229,21 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             ray.get(sampler.rewind.remote(start_epoch * spe))
         _barrier()
     client = SamplerClient(sampler, rank, prefetch=sampler_cfg["prefetch"])
-    # (3) feed: decode + augment of the next batches in parallel processes, ahead of the step.
+    # (3) feed: decode + augment of the next batches in parallel processes, ahead of the step; a
+    # replaced corrupt sample is a warning on the driver's console, whichever rank met it.
+    data_warnings = ProgressPoster(cfg.get("progress_name"))
     feed = Feed(train_store, task.batch_maker(train_store), client.get, workers=data_cfg.get("feed_workers", 0),
-                depth=data_cfg.get("feed_prefetch", 4), seed=train_cfg["seed"], rank=rank, say=_say)
+                depth=data_cfg.get("feed_prefetch", 4), seed=train_cfg["seed"], rank=rank,
+                say=lambda message: data_warnings.post("warning", message=message))
     refresher = ray.get_actor(cfg["refresher_name"]) if cfg.get("refresher_name") else None
     tracker = RunTracker(cfg["tracking_uri"], cfg["run_id"], cfg["metrics_path"], enabled=rank == 0)
+    poster = ProgressPoster(cfg.get("progress_name"), enabled=rank == 0)
+    poster.post("start", epoch=start_epoch)  # every (re)start of the worker group
     boundaries = set(refresh_boundaries(refresh_cfg["every_epochs"], refresh_cfg["every_steps"], spe, epochs))
     if refresher is None:
         boundaries = set()
-    caller = _RefreshCaller(refresher, refresh_cfg["mode"], cfg["snapshot_root"], tracker) if rank == 0 else None
+    caller = (_RefreshCaller(refresher, train_store, refresh_cfg["mode"], cfg["snapshot_root"], tracker, poster)
+              if rank == 0 else None)
     sync = refresh_cfg["mode"] == "sync"
 
     for epoch in range(start_epoch, epochs):
@@ -209,6 +252,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         window_extras: dict[str, float] = {}
         for local_step in range(spe):
             step = epoch * spe + local_step
+            _maybe_fail(rank, step)
             # (3) feed: this rank's row of the global plan; the task fetches its columns and views.
             t_wait = time.perf_counter()
             # in sync mode nobody asks for plans past a refresh boundary before the new graph is active
@@ -241,9 +285,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                            "train/data_wait_s": window_wait / window_steps, "data/skipped": skipped, "epoch": epoch,
                            **{k: v / window_steps for k, v in window_extras.items()}}  # rank 0's
                 tracker.log_metrics(metrics, step=step + 1)
-                if rank == 0:
-                    _say(f"epoch {epoch + 1}/{epochs} step {step + 1}/{epochs * spe} loss {mean_loss:.4f} "
-                         f"samples/s {metrics['train/samples_per_s']:.0f} graph v{version}")
+                poster.post("window", epoch=epoch, step=step + 1, steps=window_steps, seconds=elapsed,
+                            loss=mean_loss, samples_per_s=metrics["train/samples_per_s"], version=version)
                 window_start, window_steps, window_loss, window_wait = time.perf_counter(), 0, 0.0, 0.0
                 window_extras = {}
 
@@ -263,8 +306,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             plans = ray.get(sampler.plans.remote(epoch * spe, (epoch + 1) * spe))
             metrics.update(task.evaluate(model, train_store, test_store, plans, final=epoch + 1 == epochs))
             tracker.log_metrics(metrics, step=(epoch + 1) * spe)
-            _say(f"epoch {epoch + 1}/{epochs} " + " ".join(
-                f"{key} {metrics[key]:.4f}" for key in _HEADLINE if key in metrics))
+            poster.post("epoch", epoch=epoch, step=(epoch + 1) * spe,
+                        metrics={k: float(v) for k, v in metrics.items() if k != "epoch"})
         ckpt_name = f"epoch_{epoch:04d}"
         with tempfile.TemporaryDirectory() as tmp:
             report_ckpt = None
@@ -283,10 +326,6 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         caller.finish(block=True, step=epochs * spe, teardown=True)  # let a refresh in flight land
 
 
-_HEADLINE = ("eval/knn_acc", "eval/accuracy", "eval/ece", "eval/retrieval_acc", "sampler/hardness",
-             "sampler/same_class_rate")
-
-
 def _refresh_metrics(info: dict[str, Any]) -> dict[str, float]:
     out = {"refresh/embed_seconds": info["embed_seconds"], "refresh/graph_seconds": info["graph_seconds"],
            "refresh/version": info["version"], "refresh/activate_step": info["activate_step"]}
@@ -295,10 +334,3 @@ def _refresh_metrics(info: dict[str, Any]) -> dict[str, float]:
         out["refresh/embedding_drift"] = info["drift"]
         out["refresh/neighbour_overlap"] = info["neighbour_overlap"]
     return out
-
-
-def _say(line: str) -> None:
-    """One progress line on the worker's stdout (Ray forwards it to the driver once; the ``print``
-    that Ray Train patches into workers would emit it twice)."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()

@@ -63,3 +63,22 @@ def run_cli(cmd: list[str], *, timeout: float, env: Optional[dict[str, str]] = N
         raise AssertionError(f"{' '.join(cmd[:4])} ... still running after {timeout:.0f} s; "
                              f"stdout tail:\n{out[-3000:]}\nstderr tail:\n{err[-3000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def head_env(head) -> dict[str, str]:
+    """:func:`private_env` pointed at the session's Ray head (``tests/conftest.py``): a command
+    under test joins it instead of starting a Ray of its own."""
+    return {**private_env(), "RAY_ADDRESS": head.address}
+
+
+def wait_for(condition, timeout: float, what: str, proc: Optional[subprocess.Popen] = None,
+             period: float = 0.5) -> None:
+    """Poll ``condition()`` until it is true; fail after ``timeout`` seconds naming ``what``, or as
+    soon as ``proc`` (a command under test) has ended."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the command ended (status {proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {timeout:.0f} s")
+        time.sleep(period)

@@ -1,4 +1,5 @@
-"""`hardbatch run configs/smoke.yaml` as a user runs it, checked by reading MLflow back."""
+"""`hardbatch run configs/smoke.yaml` as a user runs it, on the local Ray it starts itself: its
+console as a user reads it, and its run read back from MLflow."""
 
 from __future__ import annotations
 
@@ -27,6 +28,25 @@ def test_smoke_run_logs_a_learning_run(tmp_path):
     proc = run_cli(cmd, cwd=tmp_path, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "MLflow run id:" in proc.stdout and "mlflow ui --backend-store-uri" in proc.stdout
+
+    # The console: hardbatch's own lines, no Ray or MLflow internals (README "What a run prints").
+    console = proc.stdout + proc.stderr
+    for noise in ("Reporting training result", "Checkpoint successfully created", "core_worker.cc",
+                  "Execution plan of Dataset", "Started a local Ray instance", "Token authentication is",
+                  "INFO mlflow", "Warning:", "Traceback"):
+        assert noise not in console, (noise, console[-3000:])
+    forwarded = [line for line in console.splitlines()
+                 if line.startswith(("(RayTrainWorker", "(GraphRefresher", "(SamplerActor", "(TrainController",
+                                     "(MapWorker", "(ProgressRelay"))]
+    assert not forwarded, forwarded  # what hardbatch's processes report, the driver prints
+    lines = proc.stdout.splitlines()
+    epochs = [line for line in lines if line.startswith("[hardbatch] epoch ")]
+    assert len(epochs) == EPOCHS, lines
+    assert all(f"/{EPOCHS}" in line and "loss " in line and "samples/s" in line and "graph v" in line
+               and "elapsed" in line for line in epochs)
+    assert all("ETA" in line for line in epochs[:-1]) and "ETA" not in epochs[-1]
+    assert sum(line.startswith("[hardbatch]   eval/knn_acc") for line in lines) == EPOCHS
+    assert any(line.startswith("[hardbatch] graph v1 ready:") for line in lines)
 
     client = MlflowClient(f"sqlite:///{db}")
     exp = client.get_experiment_by_name("hardbatch-smoke")

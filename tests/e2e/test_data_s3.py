@@ -1,4 +1,6 @@
-"""`hardbatch run` on the user's own images in S3 (a real moto server on 127.0.0.1), read back from MLflow."""
+"""`hardbatch run` on the user's own images in S3 (a real moto server on 127.0.0.1), on the session's
+Ray head, read back from MLflow. The S3 keys are in the command's environment only: they reach the
+head's workers with the source."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from _procs import private_env, run_cli
+from _procs import head_env, run_cli
 from _s3 import moto_s3
 from pipelines.synthetic import image_folder
 
@@ -19,7 +21,7 @@ TINY = ["model.width=8", "model.embed_dim=32", "model.proj_hidden=64", "model.pr
 
 
 @pytest.mark.e2e
-def test_run_on_s3_image_folders_with_a_corrupt_file(tmp_path):
+def test_run_on_s3_image_folders_with_a_corrupt_file(ray_head, tmp_path):
     made = image_folder(tmp_path / "imgs", num_classes=4, per_class={"train": 24, "test": 6}, size=(14, 22),
                         formats=("png", "jpg"), modes=("RGB", "L"), seed=5)
     corrupt = tmp_path / "imgs" / made.files["train"][3]
@@ -32,7 +34,7 @@ def test_run_on_s3_image_folders_with_a_corrupt_file(tmp_path):
                      f"tracking.uri=sqlite:///{db}", "tracking.run_name=e2e-s3", *TINY]
         cmd = [sys.executable, "-m", "pipelines.cli", "run", str(ROOT / "configs/smoke.yaml"),
                *[arg for item in overrides for arg in ("--set", item)]]
-        proc = run_cli(cmd, cwd=tmp_path, env={**private_env(), **s3.env()}, timeout=600)
+        proc = run_cli(cmd, cwd=tmp_path, env={**head_env(ray_head), **s3.env()}, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     assert "data: images:s3://bucket/imgs/train: 96 training / 24 data.test_source" in out

@@ -1,4 +1,8 @@
-"""`hardbatch sweep` of two sampler variants on the smoke config, then `hardbatch compare`, as a user runs them."""
+"""`hardbatch sweep` over the image losses on the smoke config, then `hardbatch compare`, as a user runs
+them; the sweep's runs are also the end-to-end check that every Siamese loss trains through hardbatch.
+
+The sweep joins the session's Ray head (tests/conftest.py) instead of starting a Ray of its own.
+"""
 
 from __future__ import annotations
 
@@ -9,23 +13,25 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from _procs import private_env, run_cli
+from _checks import check_training
+from _procs import head_env, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
+LOSSES = ["infonce", "sscl", "mveb"]
 
 
 @pytest.mark.e2e
-def test_sweep_two_variants_then_compare(tmp_path):
+def test_sweep_the_image_losses_then_compare(ray_head, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = private_env()
+    env = head_env(ray_head)
     sweep = run_cli(
-        [str(BIN / "hardbatch"), "sweep", str(ROOT / "configs/smoke.yaml"), "--grid", "sampler.name=uniform,rwr",
+        [str(BIN / "hardbatch"), "sweep", str(ROOT / "configs/smoke.yaml"), "--grid", f"loss.name={','.join(LOSSES)}",
          "--set", "train.epochs=2", "--set", f"tracking.uri={uri}", "--set", f"storage.path={tmp_path / 'results'}",
          "--name", "e2e-sweep"],
         cwd=tmp_path, env=env, timeout=600)
     assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
-    assert "sweep e2e-sweep: 2 finished, 0 failed" in sweep.stdout
+    assert f"sweep e2e-sweep: {len(LOSSES)} finished, 0 failed" in sweep.stdout
 
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("hardbatch-smoke")
@@ -33,9 +39,16 @@ def test_sweep_two_variants_then_compare(tmp_path):
     parent = [r for r in runs if r.info.run_name == "e2e-sweep"]
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
-    assert sorted(r.data.params["sampler.name"] for r in children) == ["rwr", "uniform"]
-    assert all(r.info.status == "FINISHED" and len(client.get_metric_history(r.info.run_id, "eval/knn_acc")) == 2
-               for r in children)
+    assert sorted(r.data.params["loss.name"] for r in children) == sorted(LOSSES)
+    by_name = {r.data.params["loss.name"]: r for r in children}
+    for run in children:
+        check_training(client, run)
+        assert len(client.get_metric_history(run.info.run_id, "eval/knn_acc")) == 2
+        assert run.data.metrics["eval/knn_acc"] > 0.5  # chance is 0.1
+    assert by_name["sscl"].data.params["loss.resolved.tau_plus"] == "0.1"
+    kappa = client.get_metric_history(by_name["mveb"].info.run_id, "mveb/kappa")
+    assert kappa and all(0 < m.value <= 10 for m in kappa)  # kappa = 1 / width, width clamped at 0.1
+    assert float(by_name["mveb"].data.params["loss.resolved.lam"]) == 0.01
 
     out = tmp_path / "report"
     compare = run_cli(
@@ -45,11 +58,11 @@ def test_sweep_two_variants_then_compare(tmp_path):
     assert compare.returncode == 0, compare.stdout[-3000:] + compare.stderr[-3000:]
     table = compare.stdout
     assert "best eval/knn_acc" in table and "samples/s" in table
-    assert "sampler.name=uniform" in table and "sampler.name=rwr" in table
+    assert all(f"loss.name={name}" in table for name in LOSSES)
 
     with open(out / "compare.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert sorted(r["variant"] for r in rows) == ["sampler.name=rwr", "sampler.name=uniform"]
+    assert sorted(r["variant"] for r in rows) == sorted(f"loss.name={name}" for name in LOSSES)
     assert all(0.1 < float(r["best_mean"]) <= 1.0 and float(r["samples_per_s"]) > 0 and float(r["wall_s"]) > 0
                for r in rows)
     for name in ("metric_by_epoch.png", "loss.png", "hardness_vs_same_class.png"):

@@ -18,8 +18,8 @@ from trainers.models import build_model, save_weights
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    """A moto S3 server with a labelled image folder, started (with its credentials in the
-    environment) before the module's Ray, so that Ray's workers inherit them."""
+    """A moto S3 server with a labelled image folder; its keys are set in this (the driver's)
+    environment only: the session's Ray workers get them with the source."""
     from _s3 import CREDENTIALS, moto_s3
 
     root = tmp_path_factory.mktemp("s3data")

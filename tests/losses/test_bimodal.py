@@ -69,6 +69,7 @@ def test_scaled_identity_hand_values() -> None:
     n, c = 4, 2.0
     s = c * torch.eye(n, dtype=torch.float64)
     conditional = -c + math.log((math.exp(c) + n - 1) / n)
+    # -1.0455414 is rounded to 7 decimals (5e-8); the losses of S = c I (exact scores <= 2) round by a few eps
     assert conditional == pytest.approx(-1.0455414, abs=1e-7)
     assert bimodal_loss_from_scores(s, "v_given_u").item() == pytest.approx(conditional, abs=1e-12)
     assert bimodal_loss_from_scores(s, "u_given_v").item() == pytest.approx(conditional, abs=1e-12)
@@ -87,6 +88,7 @@ def test_jensen_all_pairs_joint_bounds_the_conditional() -> None:
         assert joint.item() > bimodal_loss_from_scores(s, "v_given_u").item()
     equal_rows = torch.stack([torch.randn(6, dtype=torch.float64, generator=gen).roll(k) for k in range(6)])
     equal_rows = torch.stack([equal_rows[0].roll(k) for k in range(6)])
+    # one LSE over 36 scores vs six over 6 (|S| < 10): ~log2(36) eps |S| ~ 1e-14 apart
     assert bimodal_loss_from_scores(equal_rows, "joint", include_diagonal=True).item() == pytest.approx(
         bimodal_loss_from_scores(equal_rows, "v_given_u").item(), abs=1e-12
     )
@@ -121,7 +123,9 @@ def test_matches_numpy_value_and_gradient(objective: str, tilt: str) -> None:
     def f(a, b):
         return np_objective(np_scores(a, b, tilt, t), objective)
 
+    # float64 scores |S| <= ~10 of 3-term dot products / distances: each side rounds by ~1e-14
     assert loss.item() == pytest.approx(f(e_u, e_v), abs=1e-10)
+    # central differences, h = 1e-6: truncation h^2 |f'''| / 6 plus rounding ~1e-14 / h, ~1e-8
     assert np.allclose(tu.grad.numpy(), np_grad(lambda x: f(x, e_v), e_u), atol=1e-7)
     assert np.allclose(tv.grad.numpy(), np_grad(lambda x: f(e_u, x), e_v), atol=1e-7)
 
@@ -147,6 +151,7 @@ def test_weighted_clip_and_module() -> None:
 def test_l2_scores_are_clamped_squared_distances() -> None:
     x = torch.tensor([[1.0, 2.0], [1.0, 2.0]], dtype=torch.float64)
     s = tilt_scores(x, x + torch.tensor([[0.0, 0.0], [3.0, 4.0]], dtype=torch.float64), "l2", 0.5)
+    # small integers: |a|^2 + |b|^2 - 2 a.b = 5 + 5 - 10 is exact in float64 in any order
     assert s[0, 0].item() == 0.0 and s[1, 1].item() == pytest.approx(-25.0)
 
 

@@ -48,6 +48,7 @@ def _t(x) -> torch.Tensor:
 
 def test_hand_example() -> None:
     logits, targets = _t(LOGITS), _t(TARGETS)
+    # the constants are rounded to 6 decimals (5e-7); the closed form below matches to a few eps
     assert soft_target_info_nce(logits, targets).item() == pytest.approx(0.311802, abs=1e-6)
     assert soft_target_info_nce(logits, targets, _t([0.25, 0.75])).item() == pytest.approx(0.418237, abs=1e-6)
     assert soft_target_cross_entropy(logits, targets).item() == pytest.approx(0.420095, abs=1e-6)
@@ -64,8 +65,10 @@ def test_matches_numpy_value_and_gradient(n: int, c: int, t: float, uniform: boo
     tl = torch.tensor(logits, requires_grad=True)
     loss = soft_target_info_nce(tl, _t(targets), None if uniform else _t(q), t)
     loss.backward()
+    # float64 scores |s| <= ~10 (C-term sums): each side rounds by ~1e-14
     assert loss.item() == pytest.approx(np_soft_infonce(logits, targets, q, t), abs=1e-10)
     grad = np_grad(lambda x: np_soft_infonce(x, targets, q, t), logits)
+    # central differences, h = 1e-6: truncation h^2 |f'''| / 6 plus rounding ~1e-14 / h, ~1e-8
     assert np.allclose(tl.grad.numpy(), grad, atol=1e-7)
 
 
@@ -83,6 +86,7 @@ def test_one_hot_permutation_is_logit_adjusted_cross_entropy() -> None:
     logits = torch.randn(c, c, dtype=torch.float64, generator=gen)
     labels = torch.randperm(c, generator=gen)
     targets = F.one_hot(labels, c).double()
+    # one-hot targets pick the same logits cross_entropy uses: the two LSEs differ by a few eps |logits / t|
     assert soft_target_info_nce(logits, targets, temperature=t).item() == pytest.approx(
         F.cross_entropy(logits / t, labels).item(), abs=1e-10
     )
@@ -100,12 +104,14 @@ def test_large_batch_one_hot_approaches_cross_entropy_plus_log_q() -> None:
     logits = torch.randn(n, c, dtype=torch.float64, generator=gen)
     loss = soft_target_info_nce(logits, F.one_hot(labels, c).double(), q)
     expected = F.cross_entropy(logits, labels) + q.log()[labels].mean()
+    # not rounding: the sampled class counts differ from n q (sampling error, fixed seed)
     assert loss.item() - math.log(n) == pytest.approx(expected.item(), abs=2e-2)
     # with class counts exactly proportional to q the identity is exact
     exact = torch.repeat_interleave(torch.arange(c), (q * 1000).round().long())
     logits = torch.randn(exact.numel(), c, dtype=torch.float64, generator=gen)
     loss = soft_target_info_nce(logits, F.one_hot(exact, c).double(), q)
     expected = F.cross_entropy(logits, exact) + q.log()[exact].mean()
+    # an identity now; both sides are means of 1000 float64 terms of size ~5: ~1e-13 apart
     assert loss.item() - math.log(exact.numel()) == pytest.approx(expected.item(), abs=1e-9)
 
 
@@ -116,11 +122,12 @@ def test_row_shift_invariance_and_identical_targets() -> None:
     q = torch.softmax(torch.randn(4, dtype=torch.float64, generator=gen), 0)
     base = soft_target_info_nce(logits, targets, q, 0.5)
     shifted = soft_target_info_nce(logits + torch.randn(5, 1, dtype=torch.float64, generator=gen), targets, q, 0.5)
-    assert torch.allclose(base, shifted, atol=1e-12)
+    assert torch.allclose(base, shifted, atol=1e-12)  # float64 scores ~10: the shift changes rounding by ~1e-15
     same = targets[:1].expand(5, -1)
     x = logits.clone().requires_grad_()
     loss = soft_target_info_nce(x, same, q, 0.5)
     loss.backward()
+    # five equal scores (up to an ulp): LSE - s = log 5 and softmax - 1/5 = 0, to a few eps
     assert loss.item() == pytest.approx(math.log(5), abs=1e-12)
     assert torch.allclose(x.grad, torch.zeros_like(x), atol=1e-12)
 

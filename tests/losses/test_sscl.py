@@ -66,6 +66,7 @@ def test_hand_example_nt_xent_dcl_hcl() -> None:
     eye = torch.eye(2, dtype=torch.float64)
     nt_xent = sscl_loss(eye, eye, 0.5, tau_plus=0.0, beta=0.0, n_synthetic=0)
     dcl = sscl_loss(eye, eye, 0.5, tau_plus=0.1, beta=0.0, n_synthetic=0)
+    # the constants are rounded to 10 decimals (5e-11); the loss itself, on exact 0/1 cosines, to a few eps
     assert nt_xent.item() == pytest.approx(0.2395447662, abs=1e-9)
     assert nt_xent.item() == pytest.approx(math.log(1 + 2 * math.exp(-2)), abs=1e-12)
     assert dcl.item() == pytest.approx(0.0755923750, abs=1e-9)
@@ -80,8 +81,9 @@ def test_floor_is_active_and_stops_negative_gradients() -> None:
     z_b = eye.clone().requires_grad_()
     loss = sscl_loss(eye, z_b, 0.5, tau_plus=0.9, beta=1.0, n_synthetic=0)
     expected = math.log(1 + 4 * math.exp(-2) / math.exp(2))
-    assert loss.item() == pytest.approx(expected, abs=1e-12)
+    assert loss.item() == pytest.approx(expected, abs=1e-12)  # exact 0/1 cosines: a few eps of exp / log
     # aligned positives have zero tangential gradient, so only the negatives could move z_b
+    # ((I - z z^T) g with z.g exact: zero up to eps |g| ~ 1e-16, far below allclose's atol 1e-8)
     loss.backward()
     assert torch.allclose(z_b.grad, torch.zeros_like(z_b))
     z_free = eye.clone().requires_grad_()
@@ -94,6 +96,7 @@ def test_floor_is_active_and_stops_negative_gradients() -> None:
 def test_reduces_to_info_nce(temperature: float) -> None:
     z_a, z_b = _unit_pair(0)
     loss = sscl_loss(z_a, z_b, temperature, tau_plus=0.0, beta=0.0, n_synthetic=0)
+    # two float64 formulas of one value, logits <= 1/t = 10: they differ by ~(D + 2B) eps / t ~ 1e-14
     assert torch.allclose(loss, info_nce(z_a, z_b, temperature), atol=1e-12)
 
 
@@ -108,7 +111,7 @@ def test_reduces_to_cross_entropy_over_pos_and_negs() -> None:
     logits = torch.cat([sim[torch.arange(n), pos][:, None], sim[keep].view(n, n - 2)], dim=1)
     expected = F.cross_entropy(logits, torch.zeros(n, dtype=torch.long))
     loss = sscl_loss(z_a, z_b, 0.5, tau_plus=0.0, beta=0.0, n_synthetic=0)
-    assert loss.item() == pytest.approx(expected.item(), abs=1e-10)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-10)  # float64, logits <= 2: ~1e-15 apart
 
 
 @pytest.mark.parametrize(
@@ -121,9 +124,11 @@ def test_dcl_and_hcl_match_numpy_value_and_gradient(tau_plus: float, beta: float
     tb = torch.tensor(z_b, requires_grad=True)
     loss = sscl_loss(ta, tb, temperature, tau_plus, beta, n_synthetic=0)
     loss.backward()
+    # float64 logits <= 1/t from D-term dot products: each side rounds by ~(D + 2B) eps / t ~ 1e-14
     assert loss.item() == pytest.approx(np_sscl(z_a, z_b, temperature, tau_plus, beta), abs=1e-10)
     ga = np_grad(lambda x: np_sscl(x, z_b, temperature, tau_plus, beta), z_a)
     gb = np_grad(lambda x: np_sscl(z_a, x, temperature, tau_plus, beta), z_b)
+    # central differences, h = 1e-6: truncation h^2 |f'''| / 6 plus rounding ~1e-14 / h, ~1e-8
     assert np.allclose(ta.grad.numpy(), ga, atol=1e-7)
     assert np.allclose(tb.grad.numpy(), gb, atol=1e-7)
 
@@ -148,6 +153,7 @@ def test_full_sscl_matches_numpy_with_the_same_synthetic_negatives(mixing: str) 
     loss = sscl_loss(ta, tb, 0.4, 0.1, 1.0, generator=torch.Generator().manual_seed(5), **args)
     loss.backward()
     syn = syn.numpy()
+    # float64, logits <= 1/0.4: each side rounds by ~1e-15; finite differences below are good to ~1e-8
     assert loss.item() == pytest.approx(np_sscl(z_a, z_b, 0.4, 0.1, 1.0, syn), abs=1e-10)
     # the synthetic negatives are constants (detached) for the gradient
     ga = np_grad(lambda x: np_sscl(x, z_b, 0.4, 0.1, 1.0, syn), z_a)
@@ -179,6 +185,7 @@ def test_synthetic_negatives_are_unit_detached_and_harder_than_the_hard_threshol
     threshold = sim.topk(n_hard, dim=1).values[:, -1]
     assert bool((threshold > 0).all())
     syn_cos = torch.einsum("ad,asd->as", o, syn)
+    # equality is reached when a mix is its parent; both cosines then round by ~(D + 2) eps ~ 2e-15
     assert bool((syn_cos >= threshold[:, None] - 1e-12).all())
 
 
@@ -194,6 +201,7 @@ def test_identical_parents_give_the_parent_and_hard_set_excludes_the_positive() 
     positive = (torch.arange(n) + n // 2) % n
     sim[torch.arange(n), positive] = -2.0
     hardest = o[sim.argmax(dim=1)]
+    # a mix of two copies of a unit row, renormalised: a few eps from the row
     assert torch.allclose(syn, hardest[:, None, :].expand_as(syn), atol=1e-12)
     assert not torch.allclose(syn[:, 0], o[positive], atol=1e-2)
 
@@ -202,8 +210,10 @@ def test_duplicate_mixing_returns_hard_parents() -> None:
     z_a, z_b = _unit_pair(6, batch=5, dim=3)
     o = F.normalize(torch.cat([z_a, z_b]), dim=1)
     syn = synthetic_negatives(z_a, z_b, 7, 3, "duplicate", torch.Generator().manual_seed(2))
-    distance = torch.cdist(syn.reshape(-1, 3), o).min(dim=1).values
-    assert torch.allclose(distance, torch.zeros_like(distance), atol=1e-7)
+    # exact differences: the default |x|^2 + |y|^2 - 2 x.y form rounds to sqrt(eps) ~ 1e-8 for equal rows
+    distance = torch.cdist(syn.reshape(-1, 3), o, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
+    # a copy of a unit row, renormalised: a few eps away (1e-12 leaves a 1e3 margin)
+    assert torch.allclose(distance, torch.zeros_like(distance), atol=1e-12)
 
 
 # ---------------------------------------------------------------- HCL weights
@@ -225,6 +235,7 @@ def test_module_seed_reproducible_and_validates() -> None:
     first = SSCLLoss(seed=3, n_hard=4, n_synthetic=8)(z_a, z_b)
     second = SSCLLoss(seed=3, n_hard=4, n_synthetic=8)(z_a, z_b)
     other = SSCLLoss(seed=4, n_hard=4, n_synthetic=8)(z_a, z_b)
+    # the same operations on the same data in one process: bitwise equal
     assert torch.equal(first, second) and not torch.equal(first, other)
     with pytest.raises(ValueError, match="tau_plus"):
         SSCLLoss(tau_plus=1.0)

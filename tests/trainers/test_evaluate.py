@@ -59,6 +59,8 @@ def test_knn_matches_loop_reference(k):
     expected = _knn_reference(train, train_y, test, test_y, k, 0.07)
     got = knn_accuracy(torch.tensor(train), torch.tensor(train_y), torch.tensor(test), torch.tensor(test_y),
                        k=k, temperature=0.07)
+    # float64 cosines (~1e-15 apart in torch and numpy) vs this data's smallest gap at the k-th
+    # neighbour (2e-6) and smallest vote margin (10 %): the same neighbours and votes on any CPU
     assert got == pytest.approx(expected)
     assert expected > 0.4  # the clusters are separable enough for the check to mean something
 
@@ -94,6 +96,7 @@ def test_uniformity_matches_numpy_and_prefers_spread_points():
     sq = ((z[:, None, :] - z[None, :, :]) ** 2).sum(-1)
     iu = np.triu_indices(64, k=1)
     expected = np.log(np.mean(np.exp(-2.0 * sq[iu])))
+    # float64 squared distances <= 4 (2016 pairs): ~1e-14 apart however formed, far below rel 1e-9
     assert uniformity(torch.tensor(z)) == pytest.approx(expected, rel=1e-9)
     clumped = z * 0.05 + np.array([1.0] + [0.0] * 15)
     clumped /= np.linalg.norm(clumped, axis=1, keepdims=True)
@@ -149,6 +152,7 @@ def test_expected_calibration_error_limits():
     # a calibrated forecaster: confidence 0.6, right 60 % of the time, all in one bin
     probs = torch.tensor([[0.6, 0.4]] * 10, dtype=torch.float64)
     hits = torch.tensor([0] * 6 + [1] * 4)
+    # |mean of ten 0.6 - 6 / 10| in float64: an ulp or two of 0.6
     assert expected_calibration_error(probs, hits) == pytest.approx(0.0, abs=1e-12)
 
 

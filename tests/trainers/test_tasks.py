@@ -129,6 +129,8 @@ def test_ema_target_follows_the_schedule_and_survives_a_checkpoint(tmp_path):
             p.add_(1.0)
     task.after_step(model, 0.0)  # progress 0: momentum = ema_base exactly
     assert task.momentum == pytest.approx(0.9)
+    # float32: m p_t + (1 - m) p_o and this formula round by a few eps32 |p| (assert_close: rtol 1.3e-6,
+    # atol 1e-5 for cancelling entries)
     for p_t, p_0, p_o in zip(task.target.parameters(), before, model.parameters()):
         torch.testing.assert_close(p_t, 0.9 * p_0 + 0.1 * p_o)
     task.after_step(model, 1.0)  # the end of training: momentum 1, the target stops moving
