@@ -324,8 +324,13 @@ def build_stores(prepared: PreparedData, location: str = "auto", store_dir: Opti
             blocks += [table.slice(a, b - a) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         if location == "disk":
             Path(store_dir).mkdir(parents=True, exist_ok=True)
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
+        from ray.util.debug import log_once
+
+        from trainers.progress import quiet_logging
+
+        quiet_logging(ray_data=True)  # Ray Data's execution-plan lines, unless --verbose
+        log_once("ray_data_progress_manager_disabled")  # bars are off on purpose; say so once, not at all
+        ray.data.DataContext.get_current().enable_progress_bars = False
         ds = ray.data.from_blocks(blocks).map_batches(
             _build_shard, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus,
             fn_kwargs={"sources": prepared.sources, "location": location,
