@@ -105,6 +105,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if key == "loss.name":
                 for name, setting in config.loss.settings().items():
                     print(f"  {selected}{name} = {setting}")
+        for source in config.data.make_sources():  # what the data looks like (a cheap probe, no listing)
+            probe = source.probe()
+            kind = f"labelled, {probe.num_classes} classes" if probe.num_classes else (
+                "labelled" if probe.labelled else "unlabelled: kNN and the linear probe will be skipped")
+            print(f"data: {source.spec}: found, {kind}")
         return 0
     from pipelines.run import run
 

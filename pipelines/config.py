@@ -95,7 +95,8 @@ class DataConfig(_Section):
             if not kind.user_data:
                 raise ValueError(f"data.test_source applies to images:PATH and parquet:PATH sources, not to {self.source!r}")
             if "test_fraction" in self.model_fields_set:
-                raise ValueError("data.test_source and data.test_fraction both set the held-out data; give one")
+                raise ValueError("data.test_source and data.test_fraction both set the held-out data; give one "
+                                 "(remove data.test_fraction from the config file, or drop data.test_source)")
         return self
 
     def source_params(self) -> dict[str, Any]:

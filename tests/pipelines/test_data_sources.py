@@ -247,3 +247,15 @@ def test_s3_source_lists_and_reads_from_a_real_s3_server(tmp_path, folders, monk
     with pytest.raises(SourceError, match=r"images:s3://bucket/train: cannot reach the storage at http://127.0.0.1:"):
         make_source("images:s3://bucket/train", s3_endpoint=s3.endpoint).probe()  # the server is gone now
     assert time.perf_counter() - t0 < 10  # a short timeout, not Ray's minutes of retries
+
+
+def test_cli_validate_says_what_the_data_is(folders, capsys):
+    from pipelines.cli import main
+
+    root, _, _ = folders
+    train, flat = root / "labelled" / "train", root / "flat"
+    assert main(["validate", "configs/digits.yaml", "--set", f"data.source=images:{train}",
+                 "--set", f"data.test_source=images:{flat}"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert f"data: images:{train}: found, labelled, 3 classes" in out
+    assert f"data: images:{flat}: found, unlabelled: kNN and the linear probe will be skipped" in out
