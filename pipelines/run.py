@@ -9,7 +9,8 @@ Order of events (everything that can be wrong with the config fails before Ray s
      as an artifact;
   4. read the source through Ray Data into train/held-out SampleStores (the source is listed, split
      and checked before Ray starts: a bad path or column fails here, in one line);
-  5. start the sampler actor and the graph refresher; build graph version 0 from the initial weights;
+  5. start the sampler actor and the graph refresher; build graph version 0 from the initial weights
+     while the Train workers start (each waits for it before its first plan);
   6. train with ``TorchTrainer`` (Train V2); rank 0 logs to the same MLflow run;
   7. close the run and print its id and the command that opens the MLflow UI.
 """
@@ -293,7 +294,7 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
         state_file = run_dir / "sampler_state.json"
         sampler = start_sampler(sampler_name, planner_kwargs, str(state_file))
         actors.append(sampler)
-        refresher_name = None
+        refresher_name, graph_v0, v0_report = None, None, None
         if use_graph:
             has_versions = bool(json.loads(state_file.read_text())["versions"]) if state_file.exists() else False
             refresher_name = f"refresher-{run_id}"
@@ -306,12 +307,10 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
                 init_dir.mkdir(exist_ok=True)
                 torch.manual_seed(config.train.seed)  # the workers' initial weights (same seed, same spec)
                 save_weights(build_network(network), init_dir / "model.pt")
-                info = ray.get(refresher.refresh.remote(splits.train, str(init_dir), 0))
-                tracker.log_metrics({"refresh/embed_seconds": info["embed_seconds"],
-                                     "refresh/graph_seconds": info["graph_seconds"], "graph/version": 0,
-                                     **{f"graph/{k}": v for k, v in info["stats"].items()}}, step=0)
-                tracker.log_artifact(info["manifest"], "graphs")
-                _print(f"graph v0: {info['embed_seconds']:.1f} s embedding, {info['graph_seconds']:.2f} s build")
+                # Built while the Train workers start (both take seconds, mostly process start-up):
+                # each worker waits for it before its first plan, so plans never come without it.
+                graph_v0 = refresher.refresh.remote(splits.train, str(init_dir), 0)
+                v0_report = _GraphV0Report(graph_v0, tracker).start()
 
         # (6) train; rank 0 posts its progress to the relay, the driver prints it.
         progress_name = f"progress-{run_id}"
@@ -325,7 +324,7 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
             "tracking_uri": uri, "run_id": run_id, "metrics_path": str(run_dir / "metrics.jsonl"),
             "snapshot_root": str(run_dir / "snapshots"), "eval": config.eval.model_dump(),
             "network": network, "loss_kwargs": loss_kwargs, "loss_options": loss_options, "data": data_setup,
-            "progress_name": progress_name,
+            "progress_name": progress_name, "graph_v0": graph_v0,
         }
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config=loop_cfg,
@@ -340,6 +339,8 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
         _print(f"starting {config.train.num_workers} Ray Train workers "
                f"({derived['derived.cpus_per_worker']:g} CPUs{' and 1 GPU' if config.train.use_gpu else ''} each)")
         result = trainer.fit()
+        if v0_report is not None:
+            v0_report.join()
         if result.error is not None:
             raise result.error
         wall = time.perf_counter() - t_start
@@ -361,6 +362,38 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
     _print(f"MLflow run id: {run_id}")
     _print(f"open the MLflow UI: {_mlflow_command()} ui --backend-store-uri {uri} --host 127.0.0.1")
     return RunResult(run_id=run_id, tracking_uri=uri, run_dir=run_dir, metrics=final)
+
+
+class _GraphV0Report:
+    """Waits, in a thread, for graph version 0 (built while the Train workers start), then logs its
+    metrics and manifest and prints its line. A failed build is not reported here: the workers wait
+    on the same reference, so the run fails with the build's error."""
+
+    def __init__(self, ref, tracker):
+        import threading
+
+        self._ref, self._tracker = ref, tracker
+        self._thread = threading.Thread(target=self._wait, name="hardbatch-graph-v0", daemon=True)
+
+    def start(self) -> "_GraphV0Report":
+        self._thread.start()
+        return self
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def _wait(self) -> None:
+        import ray
+
+        try:
+            info = ray.get(self._ref)
+        except Exception:  # noqa: BLE001 -- the workers raise it; see the class docstring
+            return
+        self._tracker.log_metrics({"refresh/embed_seconds": info["embed_seconds"],
+                                   "refresh/graph_seconds": info["graph_seconds"], "graph/version": 0,
+                                   **{f"graph/{k}": v for k, v in info["stats"].items()}}, step=0)
+        self._tracker.log_artifact(info["manifest"], "graphs")
+        _print(f"graph v0: {info['embed_seconds']:.1f} s embedding, {info['graph_seconds']:.2f} s build")
 
 
 def _mlflow_command() -> str:

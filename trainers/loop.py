@@ -228,6 +228,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         if rank == 0:  # replay from the checkpoint with the graph versions that were active then
             ray.get(sampler.rewind.remote(start_epoch * spe))
         _barrier()
+    if cfg.get("graph_v0") is not None:
+        ray.get(cfg["graph_v0"])  # graph version 0 is built while the workers start; plans need it
     client = SamplerClient(sampler, rank, prefetch=sampler_cfg["prefetch"])
     # (3) feed: decode + augment of the next batches in parallel processes, ahead of the step; a
     # replaced corrupt sample is a warning on the driver's console, whichever rank met it.
