@@ -12,6 +12,8 @@ Two stages, so that every data problem is found before Ray starts:
    (``map_batches`` over one block per shard): the source reads its items with a pyarrow file
    system and the task returns the shard table (``object_store``) or writes it as an Arrow IPC file
    and returns its path (``disk``). The driver only ever holds shard handles and the labels.
+   Built-in data (arrays the driver already holds after listing them, ``Source.in_driver``) is cut
+   into the same shards in the driver instead: a task would load or generate the arrays again.
 
 Cost: listing O(N) small metadata; the build reads every item once, O(total stored bytes), in
 parallel over the cluster's CPUs; the store then holds one stored copy per node (object store) or
@@ -284,6 +286,57 @@ def choose_location(stored_bytes: int, requested: str = "auto") -> str:
     return "object_store" if stored_bytes <= 0.5 * capacity else "disk"
 
 
+def _build_with_ray_data(blocks: list[pa.Table], prepared: PreparedData, location: str,
+                         store_dir: Optional[Path], num_cpus: float) -> list[dict[str, Any]]:
+    """Read every shard in a Ray Data task (one block per shard); the shards' metadata, with the
+    object ref of each shard table (``object_store``) or the path it was written to (``disk``)."""
+    import ray
+    from ray.util.debug import log_once
+
+    from trainers.progress import quiet_logging
+
+    quiet_logging(ray_data=True)  # Ray Data's execution-plan lines, unless --verbose
+    log_once("ray_data_progress_manager_disabled")  # bars are off on purpose; say so once, not at all
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ds = ray.data.from_blocks(blocks).map_batches(
+        _build_shard, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus,
+        fn_kwargs={"sources": prepared.sources, "location": location,
+                   "out_dir": None if store_dir is None else str(store_dir)})
+    try:
+        if location == "disk":
+            return ds.take_all()
+        refs = ds.materialize().to_arrow_refs()
+        meta_task = ray.remote(num_cpus=0)(_shard_meta)
+        metas = ray.get([meta_task.remote(ref) for ref in refs])
+        for meta, ref in zip(metas, refs):
+            meta["ref"] = ref
+        return metas
+    except Exception as err:  # a source refusing an item inside a task: its own message, one line
+        cause = getattr(err, "cause", None) or err
+        while getattr(cause, "cause", None) is not None:
+            cause = cause.cause
+        if isinstance(cause, (SourceError, ValueError)) and str(cause).split(":")[0] in (
+                src.spec.split(":")[0] for src in prepared.sources.values()):
+            raise SourceError(str(cause).splitlines()[0]) from None
+        raise
+
+
+def _build_in_driver(blocks: list[pa.Table], sources: dict[str, Source], location: str,
+                     store_dir: Optional[Path]) -> list[dict[str, Any]]:
+    """The same shards built here, for sources whose items the driver already holds
+    (``Source.in_driver``): the same shard tables, put in the object store or written to disk."""
+    import ray
+
+    metas = []
+    for block in blocks:
+        table = _build_shard(block, sources, location, None if store_dir is None else str(store_dir))
+        if location == "disk":
+            metas += table.to_pylist()
+        else:
+            metas.append({**_shard_meta(table), "ref": ray.put(table)})
+    return metas
+
+
 def build_stores(prepared: PreparedData, location: str = "auto", store_dir: Optional[Path] = None,
                  num_cpus: float = 1.0) -> Splits:
     """Read the prepared splits into two SampleStores through Ray Data; see the module docstring.
@@ -324,34 +377,10 @@ def build_stores(prepared: PreparedData, location: str = "auto", store_dir: Opti
             blocks += [table.slice(a, b - a) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         if location == "disk":
             Path(store_dir).mkdir(parents=True, exist_ok=True)
-        from ray.util.debug import log_once
-
-        from trainers.progress import quiet_logging
-
-        quiet_logging(ray_data=True)  # Ray Data's execution-plan lines, unless --verbose
-        log_once("ray_data_progress_manager_disabled")  # bars are off on purpose; say so once, not at all
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        ds = ray.data.from_blocks(blocks).map_batches(
-            _build_shard, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus,
-            fn_kwargs={"sources": prepared.sources, "location": location,
-                       "out_dir": None if store_dir is None else str(store_dir)})
-        try:
-            if location == "disk":
-                metas = ds.take_all()
-            else:
-                refs = ds.materialize().to_arrow_refs()
-                meta_task = ray.remote(num_cpus=0)(_shard_meta)
-                metas = ray.get([meta_task.remote(ref) for ref in refs])
-                for meta, ref in zip(metas, refs):
-                    meta["ref"] = ref
-        except Exception as err:  # a source refusing an item inside a task: its own message, one line
-            cause = getattr(err, "cause", None) or err
-            while getattr(cause, "cause", None) is not None:
-                cause = cause.cause
-            if isinstance(cause, (SourceError, ValueError)) and str(cause).split(":")[0] in (
-                    src.spec.split(":")[0] for src in prepared.sources.values()):
-                raise SourceError(str(cause).splitlines()[0]) from None
-            raise
+        if all(src.in_driver for src in prepared.sources.values()):
+            metas = _build_in_driver(blocks, prepared.sources, location, store_dir)
+        else:
+            metas = _build_with_ray_data(blocks, prepared, location, store_dir, num_cpus)
         if location == "disk":
             manifest_path.write_text(json.dumps({"listing": key, "shards": metas}))
     stores = {}

@@ -10,6 +10,9 @@ explicit ``id`` column, not by execution order.
 
 Cost: one decode and forward pass over N samples; O(N * D) floats for the ``[N, D]`` result (the graph
 needs all of it), plus the pool's start-up (a few seconds per pass on CPU).
+
+torch is imported by the pool actors only: the process that drives the pass (the GraphRefresher
+actor) never needs it, and importing it there would cost seconds of CPU and about 600 MB of memory.
 """
 
 from __future__ import annotations
@@ -21,19 +24,20 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 import ray
-import torch
-import torch.nn.functional as F
 
 from pipelines.datasets import ID, collect_by_id
 from pipelines.store import SampleStore
-from trainers.models import build_network, load_weights, network_spec
 
 WEIGHTS_FILE = "model.pt"
 
 
 def as_network_spec(network: dict[str, Any], x_shape: tuple[int, ...]) -> dict[str, Any]:
     """A network spec as is, or a bare ``model:`` section read as a Siamese network on ``x_shape``."""
-    return network if "kind" in network else network_spec("siamese", network, x_shape)
+    if "kind" in network:
+        return network
+    from trainers.models import network_spec
+
+    return network_spec("siamese", network, x_shape)
 
 
 class Embedder:
@@ -46,6 +50,10 @@ class Embedder:
 
     def __init__(self, checkpoint_dir: str, network: dict[str, Any], store: SampleStore, device: str = "auto",
                  crash_once_marker: Optional[str] = None):
+        import torch
+
+        from trainers.models import build_network, load_weights
+
         self.crash_once_marker = crash_once_marker  # fault injection for tests: see __call__
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -55,14 +63,17 @@ class Embedder:
         load_weights(self.model, Path(checkpoint_dir, WEIGHTS_FILE))
         self.model.to(self.device).eval()
 
-    @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+        import torch.nn.functional as F
+
         if self.crash_once_marker and not os.path.exists(self.crash_once_marker):
             Path(self.crash_once_marker).touch()
             os._exit(1)  # this actor process dies mid-pass, once per marker file
-        x = torch.from_numpy(self.store.take(batch["store_id"])).to(self.device)
-        z = self.model.graph_embedding(x)
-        return {ID: batch[ID], "embedding": F.normalize(z, dim=1).float().cpu().numpy()}
+        with torch.no_grad():
+            x = torch.from_numpy(self.store.take(batch["store_id"])).to(self.device)
+            z = self.model.graph_embedding(x)
+            return {ID: batch[ID], "embedding": F.normalize(z, dim=1).float().cpu().numpy()}
 
 
 def embed_store(store: SampleStore, checkpoint_dir: str, network: dict[str, Any], ids: Optional[np.ndarray] = None,

@@ -198,7 +198,8 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
     from pipelines.datasets import build_stores
     from pipelines.refresh import GraphRefresher
     from samplers.actor import start_sampler
-    from trainers.loop import FailureReporter, train_loop_per_worker
+    from trainers.callbacks import FailureReporter
+    from trainers.loop import train_loop_per_worker
     from trainers.models import build_network, save_weights
     from trainers.progress import ProgressRelay, is_verbose, quiet_logging
     from trainers.tracking import RunTracker

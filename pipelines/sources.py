@@ -324,6 +324,9 @@ class Source:
     user_data: ClassVar[bool] = False  # files the user brings (probed, listed, logged)
     labelled: ClassVar[Optional[bool]] = None  # known without looking at the data; None: depends on it
     num_classes: ClassVar[Optional[int]] = None
+    # The items are arrays the driver already holds after listing them (built-in data): the store is
+    # built there rather than in Ray Data tasks, which would each load or generate them again.
+    in_driver: ClassVar[bool] = False
 
     def __init__(self, spec: str, *, image_column: str = "image", label_column: Optional[str] = None,
                  s3_endpoint: Optional[str] = None, num_samples: int = 4000, dim: int = 8, seed: int = 0):
@@ -374,6 +377,7 @@ class _ArraySource(Source):
     """A built-in source held as arrays (:class:`RawData`): items are rows of the arrays."""
 
     exact = True
+    in_driver = True
     name: ClassVar[str] = ""
 
     def raw(self) -> RawData:

@@ -179,19 +179,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-class FailureReporter(ray.train.UserCallback):
-    """Runs in the Train controller: posts each worker failure and its cause to the run's progress
-    relay, so the console shows why the worker group restarts (or why the run ends)."""
-
-    def __init__(self, relay_name: Optional[str]):
-        self.relay_name = relay_name
-
-    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
-        errors = {int(rank): f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
-                  for rank, err in worker_exceptions.items()}
-        ProgressPoster(self.relay_name).post("failure", errors=errors)
-
-
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     quiet_logging()
     conf = cfg["config"]

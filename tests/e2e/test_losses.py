@@ -1,6 +1,6 @@
 """Every loss through `hardbatch` end to end, read back from MLflow: the soft-target classifier and the
-three bimodal losses here; the Siamese losses (infonce, sscl, mveb) are the runs of
-test_sweep_compare.py. In-process training of every loss on every kind of data, with its metrics,
+three bimodal losses here; the Siamese losses are the runs of test_sweep_compare.py (sscl, mveb) and of
+every other end-to-end test (infonce). In-process training of every loss on every kind of data, with its metrics,
 is in tests/trainers/test_tasks.py.
 
 Each run must finish with a finite, falling training loss, log its resolved loss settings (cross-rank

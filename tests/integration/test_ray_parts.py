@@ -65,7 +65,10 @@ def test_embedding_pool_matches_direct_forward_pass(ray_env, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["classifier", "bimodal"])
-def test_embedding_pool_uses_each_networks_graph_embedding(ray_env, tmp_path, kind):
+def test_embedder_uses_each_networks_graph_embedding(tmp_path, kind):
+    # The pool actor's callable, in this process: which part of each network it embeds with. The
+    # pool around it (Ray Data, streaming, order by id) is the test above's, the same for every kind.
+    from pipelines.embed import Embedder
     from trainers.models import build_network, network_spec
 
     x = np.random.default_rng(2).random((300, 1, 8, 8)).astype(np.float32)
@@ -74,13 +77,16 @@ def test_embedding_pool_uses_each_networks_graph_embedding(ray_env, tmp_path, ki
     torch.manual_seed(0)
     model = build_network(spec)
     save_weights(model, tmp_path / "model.pt")
-    emb = embed_store_x(x, str(tmp_path), spec, pool_size=1, num_cpus=0.25, batch_size=128)
+    embedder = Embedder(str(tmp_path), spec, SampleStore.in_memory(x), device="cpu")
+    out = embedder({"id": np.arange(300), "store_id": np.arange(300)[::-1].copy()})
+    emb = out["embedding"][::-1]  # rows in store-id order
     model.eval()
     with torch.no_grad():
         features = model.encoder(torch.from_numpy(x)) if kind == "classifier" else model.u_tower(torch.from_numpy(x))[1]
     tol = embedding_tol(model.encoder if kind == "classifier" else model.u_tower)
     np.testing.assert_allclose(emb, torch.nn.functional.normalize(features, dim=1).numpy(), rtol=0, atol=tol)
-    assert emb.shape == (300, 16 if kind == "classifier" else 8)
+    assert emb.shape == (300, 16 if kind == "classifier" else 8) and emb.dtype == np.float32
+    np.testing.assert_array_equal(out["id"], np.arange(300))
 
 
 def test_embedding_survives_an_actor_killed_mid_pass(ray_env, tmp_path):
@@ -151,26 +157,36 @@ def test_sampler_actor_rows_and_restart_replay(ray_env, tmp_path):
     ray_env.kill(actor, no_restart=True)
 
 
-def test_refresher_builds_persists_and_swaps(ray_env, tmp_path):
-    x = np.random.default_rng(3).random((300, 1, 8, 8)).astype(np.float32)
+def test_refresher_builds_persists_swaps_and_re_embeds_only_seen_rows(ray_env, tmp_path):
+    """Two refreshes with ``scope: seen``: version 0 embeds every row and activates at step 0; version 1,
+    held back to step 10 by ``not_before``, re-embeds exactly the rows of the plans served since."""
+    x = np.random.default_rng(5).random((400, 1, 8, 8)).astype(np.float32)
     store = SampleStore.from_arrays(x=x)
-    kwargs = dict(num_nodes=300, global_batch=32, world_size=2, seed=0, strategy="rwr", restart_prob=0.2)
+    kwargs = dict(num_nodes=400, global_batch=32, world_size=2, seed=0, strategy="rwr", restart_prob=0.2)
     actor = start_sampler("sampler-refresh", kwargs, str(tmp_path / "state.json"))
     refresher = GraphRefresher.remote(MODEL_CFG, {"k": 5, "m": 40},
-                                      {"pool_size": 1, "num_cpus": 0.25, "num_gpus": 0.0, "batch_size": 128},
-                                      str(tmp_path / "graphs"), "sampler-refresh", 0)
+                                      {"pool_size": 1, "num_cpus": 0.25, "num_gpus": 0.0, "batch_size": 128,
+                                       "scope": "seen"}, str(tmp_path / "graphs"), "sampler-refresh", 0)
     for seed, name in ((0, "a"), (1, "b")):
         torch.manual_seed(seed)
         (tmp_path / name).mkdir()
         save_weights(build_model(MODEL_CFG, in_channels=1), tmp_path / name / "model.pt")
     first = ray_env.get(refresher.refresh.remote(store, str(tmp_path / "a"), 0))
-    second = ray_env.get(refresher.refresh.remote(store, str(tmp_path / "b"), None, 10))
     assert (first["version"], first["activate_step"]) == (0, 0)
+    assert first["scope"] == "full" and first["embedded_rows"] == 400  # nothing to keep yet
+    seen = np.unique(ray_env.get(actor.plans.remote(0, 10)))  # the plans of steps 0..9
+    second = ray_env.get(refresher.refresh.remote(store, str(tmp_path / "b"), None, 10, 0))
     assert second["version"] == 1 and second["activate_step"] == 10  # not_before holds it back
-    assert (tmp_path / "graphs" / "v0001.npz").exists()
+    assert ray_env.get(actor.version_at.remote(9)) == 0 and ray_env.get(actor.version_at.remote(10)) == 1
+    assert (tmp_path / "graphs" / "v0001.npz").exists() and (tmp_path / "graphs" / "v0001.json").exists()
+    assert second["scope"] == "seen" and second["embedded_rows"] == len(seen) < 400
+    old = np.load(tmp_path / "graphs" / "v0000_embeddings.npy")
+    new = np.load(tmp_path / "graphs" / "v0001_embeddings.npy")
+    # kept rows are copied (no change at all); re-embedded ones come from other weights (changes ~1)
+    changed = np.flatnonzero(np.abs(new - old).max(axis=1) > 1e-6)
+    np.testing.assert_array_equal(changed, seen)  # exactly the rows seen since the last refresh
     assert 0.0 <= second["neighbour_overlap"] < 1.0  # other weights, other neighbours
     assert -1.0 <= second["drift"] < 0.999
-    assert ray_env.get(actor.version_at.remote(10)) == 1
     ray_env.kill(refresher, no_restart=True)
     ray_env.kill(actor, no_restart=True)
 
@@ -179,29 +195,3 @@ def test_neighbour_overlap_hand_case():
     old = np.array([[1, 2, 3], [0, 2, 3]])
     new = np.array([[3, 2, 1], [4, 5, 0]])
     assert neighbour_overlap(old, new) == pytest.approx((1.0 + 1 / 3) / 2)
-
-
-def test_refresh_scope_seen_re_embeds_only_rows_of_served_plans(ray_env, tmp_path):
-    x = np.random.default_rng(5).random((400, 1, 8, 8)).astype(np.float32)
-    store = SampleStore.from_arrays(x=x)
-    kwargs = dict(num_nodes=400, global_batch=32, world_size=2, seed=0, strategy="rwr", restart_prob=0.2)
-    actor = start_sampler("sampler-seen", kwargs, str(tmp_path / "state.json"))
-    refresher = GraphRefresher.remote(MODEL_CFG, {"k": 5, "m": 40},
-                                      {"pool_size": 1, "num_cpus": 0.25, "num_gpus": 0.0, "batch_size": 128,
-                                       "scope": "seen"}, str(tmp_path / "graphs"), "sampler-seen", 0)
-    for seed, name in ((0, "a"), (1, "b")):
-        torch.manual_seed(seed)
-        (tmp_path / name).mkdir()
-        save_weights(build_model(MODEL_CFG, in_channels=1), tmp_path / name / "model.pt")
-    first = ray_env.get(refresher.refresh.remote(store, str(tmp_path / "a"), 0))
-    assert first["scope"] == "full" and first["embedded_rows"] == 400  # nothing to keep yet
-    seen = np.unique(ray_env.get(actor.plans.remote(0, 3)))  # the plans of steps 0..2
-    second = ray_env.get(refresher.refresh.remote(store, str(tmp_path / "b"), None, 3, 0))
-    assert second["scope"] == "seen" and second["embedded_rows"] == len(seen) < 400
-    old = np.load(tmp_path / "graphs" / "v0000_embeddings.npy")
-    new = np.load(tmp_path / "graphs" / "v0001_embeddings.npy")
-    # kept rows are copied (no change at all); re-embedded ones come from other weights (changes ~1)
-    changed = np.flatnonzero(np.abs(new - old).max(axis=1) > 1e-6)
-    np.testing.assert_array_equal(changed, seen)  # exactly the rows seen since the last refresh
-    ray_env.kill(refresher, no_restart=True)
-    ray_env.kill(actor, no_restart=True)
