@@ -54,6 +54,7 @@ class Embedder:
 
         from trainers.models import build_network, load_weights
 
+        self._torch = torch  # imported here, in the pool actor, once (see the module docstring)
         self.crash_once_marker = crash_once_marker  # fault injection for tests: see __call__
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -64,16 +65,14 @@ class Embedder:
         self.model.to(self.device).eval()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-        import torch.nn.functional as F
-
+        torch = self._torch
         if self.crash_once_marker and not os.path.exists(self.crash_once_marker):
             Path(self.crash_once_marker).touch()
             os._exit(1)  # this actor process dies mid-pass, once per marker file
         with torch.no_grad():
             x = torch.from_numpy(self.store.take(batch["store_id"])).to(self.device)
             z = self.model.graph_embedding(x)
-            return {ID: batch[ID], "embedding": F.normalize(z, dim=1).float().cpu().numpy()}
+            return {ID: batch[ID], "embedding": torch.nn.functional.normalize(z, dim=1).float().cpu().numpy()}
 
 
 def embed_store(store: SampleStore, checkpoint_dir: str, network: dict[str, Any], ids: Optional[np.ndarray] = None,
