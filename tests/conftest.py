@@ -27,6 +27,9 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 os.environ.pop("RAY_ADDRESS", None)  # a cluster in the caller's shell must not capture the tests
+# No usage reporting from the tests' Rays. It also keeps Ray Data's usage poller (a daemon thread of
+# this process, polling the head's metrics) from printing a traceback at exit once the head is gone.
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 from _procs import free_port, stop_group  # noqa: E402  (tests/e2e is on the pytest pythonpath)
 
@@ -65,7 +68,9 @@ def ray_head():
         if head.poll() is None:
             head.kill()
             head.wait()
-        stop_group(head.pid)  # `ray start` made the group; the head's daemons stay in it
+        # `ray start` made the group; the head's daemons stay in it. Some of them outlast a SIGTERM by
+        # more than 10 s (12 s of the suite's teardown), and nothing of a test head needs saving.
+        stop_group(head.pid, grace_s=2.0)
         shutil.rmtree(temp, ignore_errors=True)
 
 

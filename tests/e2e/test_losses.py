@@ -23,12 +23,17 @@ BIN = Path(sys.executable).parent
 
 
 def sweep(head, tmp_path: Path, config: str, losses: list[str], *overrides: str) -> tuple[MlflowClient, list]:
-    """Run ``hardbatch sweep`` over ``losses`` (2 epochs, a refresh every epoch) on the session's
-    head; the runs of its experiment."""
+    """Run ``hardbatch sweep`` over ``losses`` (2 epochs on graph version 0) on the session's head;
+    the runs of its experiment.
+
+    No refresh during training (``refresh.every_epochs=0``): version 0 is still embedded by the pool
+    with each run's own network, and a refresh after epoch 1 of 2 would land after the last step
+    and only be waited for. Refresh during training is the subject of test_cli_run.py (async) and
+    test_refresh_resume.py (sync)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = [str(BIN / "hardbatch"), "sweep", str(ROOT / config), "--grid", f"loss.name={','.join(losses)}",
-           "--set", "train.epochs=2", "--set", "refresh.every_epochs=1", "--set", f"tracking.uri={uri}",
+           "--set", "train.epochs=2", "--set", "refresh.every_epochs=0", "--set", f"tracking.uri={uri}",
            "--set", f"storage.path={tmp_path / 'results'}", "--name", "losses", "--set", "tracking.experiment=losses"]
     for item in overrides:
         cmd += ["--set", item]

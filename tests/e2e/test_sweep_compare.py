@@ -2,7 +2,10 @@
 them; the sweep's runs are also the end-to-end check that SSCL and MVEB train through hardbatch
 (InfoNCE is the loss of every other end-to-end run: test_cli_run.py, test_refresh_resume.py, ...).
 
-The sweep joins the session's Ray head (tests/conftest.py) instead of starting a Ray of its own.
+The sweep joins the session's Ray head (tests/conftest.py) instead of starting a Ray of its own. Its
+runs train on graph version 0 (``refresh.every_epochs=0``): a refresh after epoch 1 of 2 lands after
+the last step, so it would only be waited for; refresh is the subject of test_cli_run.py and
+test_refresh_resume.py.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ def test_sweep_the_image_losses_then_compare(ray_head, tmp_path):
     env = head_env(ray_head)
     sweep = run_cli(
         [str(BIN / "hardbatch"), "sweep", str(ROOT / "configs/smoke.yaml"), "--grid", f"loss.name={','.join(LOSSES)}",
-         "--set", "train.epochs=2", "--set", f"tracking.uri={uri}", "--set", f"storage.path={tmp_path / 'results'}",
+         "--set", "train.epochs=2", "--set", "refresh.every_epochs=0", "--set", f"tracking.uri={uri}", "--set", f"storage.path={tmp_path / 'results'}",
          "--name", "e2e-sweep"],
         cwd=tmp_path, env=env, timeout=600)
     assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
