@@ -37,7 +37,7 @@ class _SamplerCore:
         self.state_path = Path(state_path) if state_path else None
         self.versions: list[dict[str, Any]] = []
         self.max_served = -1
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cache: OrderedDict[int, tuple[np.ndarray, int]] = OrderedDict()  # step -> (plan, filled)
         self._cache_steps = cache_steps
         self._lock = threading.Lock()
         if self.state_path and self.state_path.exists():
@@ -49,9 +49,14 @@ class _SamplerCore:
     # -- serving ---------------------------------------------------------------------------------
     def plan(self, step: int) -> np.ndarray:
         """The global plan ``[world_size, batch // world_size]`` of ``step``."""
+        return self._planned(step)[0]
+
+    def _planned(self, step: int) -> tuple[np.ndarray, int]:
+        """The plan of ``step`` and how many of its ids the walk's uniform fill drew."""
         with self._lock:
             if step not in self._cache:
-                self._cache[step] = self.planner.plan(step)
+                ids, info = self.planner.plan_with_info(step)
+                self._cache[step] = (ids, int(info["n_filled"]))
                 while len(self._cache) > self._cache_steps:
                     self._cache.popitem(last=False)
             self.max_served = max(self.max_served, step)
@@ -59,7 +64,14 @@ class _SamplerCore:
 
     def plans(self, start: int, stop: int) -> np.ndarray:
         """Global plans of steps ``start..stop-1`` stacked ``[S, world_size, b]`` (for statistics)."""
-        return np.stack([self.plan(step) for step in range(start, stop)])
+        return self.plans_with_fill(start, stop)[0]
+
+    def plans_with_fill(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`plans` and, per step, the number of ids drawn by the uniform fill (int64 ``[S]``):
+        a walk that reaches its step cap (a component of the graph smaller than the batch, a
+        restart probability near 1) completes its batch uniformly, so these ids are not hard."""
+        planned = [self._planned(step) for step in range(start, stop)]
+        return np.stack([p[0] for p in planned]), np.array([p[1] for p in planned], np.int64)
 
     def plan_row(self, rank: int, step: int) -> tuple[np.ndarray, int]:
         """Rank ``rank``'s ids at ``step`` and the graph version they came from."""

@@ -292,8 +292,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         # (4) evaluate on rank 0, then report; every rank reports (a barrier), rank 0 attaches the checkpoint.
         metrics = {"epoch": epoch}
         if rank == 0:
-            plans = ray.get(sampler.plans.remote(epoch * spe, (epoch + 1) * spe))
+            plans, filled = ray.get(sampler.plans_with_fill.remote(epoch * spe, (epoch + 1) * spe))
             metrics.update(task.evaluate(model, train_store, test_store, plans, final=epoch + 1 == epochs))
+            metrics["sampler/filled_ids"] = int(filled.sum())  # ids the walk did not choose (uniform fill)
             tracker.log_metrics(metrics, step=(epoch + 1) * spe)
             poster.post("epoch", epoch=epoch, step=(epoch + 1) * spe,
                         metrics={k: float(v) for k, v in metrics.items() if k != "epoch"})

@@ -3,6 +3,11 @@
 Every metric is appended to a local JSONL file first (the run's own record), then sent to MLflow.
 A failed MLflow call is retried with back-off; if it still fails, the problem is reported once and
 training goes on; the JSONL file keeps everything.
+
+A non-finite value (NaN, +-inf) is never dropped silently: it is kept in the JSONL line (as the
+string ``"nan"``, ``"inf"`` or ``"-inf"``, under ``"nonfinite"``), the first one of each metric is
+reported in a warning naming the metric, its value and step, and the running count of them is
+logged as the metric ``tracking/nonfinite_metrics`` (absent while there are none).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 DEFAULT_DB = "mlflow.db"
+NONFINITE_METRIC = "tracking/nonfinite_metrics"
 _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
@@ -74,6 +80,8 @@ class RunTracker:
         self._client = None
         self._uri = tracking_uri
         self._reported = False
+        self.nonfinite = 0  # non-finite values seen so far (logged as NONFINITE_METRIC)
+        self._nonfinite_keys: set[str] = set()  # the metrics already warned about
         if enabled and self.local_path:
             self.local_path.parent.mkdir(parents=True, exist_ok=True)
         if enabled:
@@ -93,11 +101,24 @@ class RunTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled or not metrics:
             return
-        clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+        values = {k: float(v) for k, v in metrics.items() if v is not None}
+        clean = {k: v for k, v in values.items() if math.isfinite(v)}
+        bad = {k: str(v) for k, v in values.items() if k not in clean}
+        if bad:
+            self.nonfinite += len(bad)
+            clean[NONFINITE_METRIC] = float(self.nonfinite)
+            new = sorted(set(bad) - self._nonfinite_keys)
+            if new:
+                self._nonfinite_keys.update(new)
+                warnings.warn(f"non-finite metric at step {step}: "
+                              f"{', '.join(f'{k} = {bad[k]}' for k in new)}; MLflow cannot chart it, so it is "
+                              f"counted in {NONFINITE_METRIC} and kept in {self.local_path or 'no local file'}",
+                              RuntimeWarning, stacklevel=2)
         now = int(time.time() * 1000)
         if self.local_path:
+            line = {"step": step, "time_ms": now, **clean, **({"nonfinite": bad} if bad else {})}
             with self.local_path.open("a") as f:
-                f.write(json.dumps({"step": step, "time_ms": now, **clean}) + "\n")
+                f.write(json.dumps(line) + "\n")
         from mlflow.entities import Metric
 
         batch = [Metric(k, v, now, step) for k, v in clean.items()]

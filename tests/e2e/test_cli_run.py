@@ -65,6 +65,9 @@ def test_smoke_run_logs_a_learning_run(tmp_path):
     assert client.get_metric_history(run.info.run_id, "train/samples_per_s")
     assert len(client.get_metric_history(run.info.run_id, "sampler/hardness")) == EPOCHS
     assert len(client.get_metric_history(run.info.run_id, "sampler/same_class_rate")) == EPOCHS
+    filled = client.get_metric_history(run.info.run_id, "sampler/filled_ids")  # the walk's uniform fill
+    assert len(filled) == EPOCHS and all(0 <= m.value <= 11 * 128 for m in filled)  # 11 steps of 128 ids
+    assert not client.get_metric_history(run.info.run_id, "tracking/nonfinite_metrics")
     versions = {m.value for m in client.get_metric_history(run.info.run_id, "graph/version")}
     assert {0.0, 1.0} <= versions  # the graph was rebuilt during training and used
     assert client.get_metric_history(run.info.run_id, "graph/mean_neighbor_similarity")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from samplers.graph import build_proximity_graph
+from samplers.actor import _SamplerCore
 from samplers.plans import BatchPlanner, NoActiveGraphError
 
 N, B, W = 600, 48, 4
@@ -191,3 +192,24 @@ def test_graph_of_the_wrong_size_is_rejected(graphs):
     bad[0, 0] = N
     with pytest.raises(ValueError, match="ids"):
         BatchPlanner(N, B, W, seed=0, strategy="rwr", graph=bad)
+
+
+@pytest.mark.parametrize("strategy", ["rwr", "uniform"])
+def test_sampler_core_counts_the_ids_of_the_uniform_fill(strategy):
+    # Nodes 0-2 form a closed component: a walk started there collects 3 of the 8 ids, reaches its
+    # step cap and draws the other 5 uniformly. The sampler actor's core reports those fills per step.
+    nb = np.random.default_rng(0).integers(3, 100, size=(100, 2))
+    nb[:3] = [[1, 2], [2, 0], [0, 1]]
+    core = _SamplerCore(dict(num_nodes=100, global_batch=8, world_size=2, seed=0, strategy=strategy, graph=nb))
+    planner = BatchPlanner(100, 8, 2, seed=0, strategy=strategy, graph=nb)
+    stop = 20 * planner.steps_per_epoch
+    plans, filled = core.plans_with_fill(0, stop)
+    infos = [planner.plan_with_info(s)[1] for s in range(stop)]
+    np.testing.assert_array_equal(filled, [info["n_filled"] for info in infos])
+    np.testing.assert_array_equal(plans, core.plans(0, stop))
+    np.testing.assert_array_equal(plans[4], planner.plan(4))
+    if strategy == "rwr":
+        closed = np.array([info["start"] < 3 for info in infos])
+        assert closed.sum() >= 2 and (filled[closed] == 5).all()  # about 12 * 3 / 100 starts per epoch
+    else:
+        assert not filled.any()

@@ -27,13 +27,24 @@ def test_tracker_logs_to_sqlite_and_local_file(tmp_path):
     run_id = client.create_run(exp).info.run_id
     tracker = RunTracker(uri, run_id, str(tmp_path / "m.jsonl"))
     tracker.log_metrics({"train/loss": 2.0}, step=1)
-    tracker.log_metrics({"train/loss": 1.5, "nan": float("nan")}, step=2)
     tracker.log_params({f"p{i}": i for i in range(150)})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracker.log_metrics({"train/loss": 1.5, "grad/norm": float("nan")}, step=2)
+        tracker.log_metrics({"train/loss": float("inf"), "grad/norm": float("-inf")}, step=3)
     history = client.get_metric_history(run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, 1.5)]
     assert client.get_run(run_id).data.params["p149"] == "149"
+    # never dropped silently: one warning per metric (naming value and step), a running count in MLflow
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2 and all(issubclass(w.category, RuntimeWarning) for w in caught)
+    assert "step 2: grad/norm = nan" in messages[0] and "step 3: train/loss = inf" in messages[1]
+    count = client.get_metric_history(run_id, "tracking/nonfinite_metrics")
+    assert [(m.step, m.value) for m in count] == [(2, 1.0), (3, 3.0)]
     lines = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
-    assert [line["train/loss"] for line in lines] == [2.0, 1.5] and "nan" not in lines[1]
+    assert [line.get("train/loss") for line in lines] == [2.0, 1.5, None]
+    assert "nonfinite" not in lines[0] and lines[1]["nonfinite"] == {"grad/norm": "nan"}
+    assert lines[2]["nonfinite"] == {"train/loss": "inf", "grad/norm": "-inf"}
 
 
 def test_disabled_tracker_does_nothing(tmp_path):
