@@ -513,11 +513,81 @@ def validate(raw: dict[str, Any]) -> Config:
             check_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
         except ValueError as err:
             raise ConfigError(f"$MLFLOW_TRACKING_URI = {os.environ['MLFLOW_TRACKING_URI']!r}: {err}") from None
-    if not os.environ.get("RAY_ADDRESS"):  # a remote cluster is checked once connected
+    if os.environ.get("RAY_ADDRESS"):  # its resources are checked once connected (check_cluster)
+        check_cluster_paths(config)
+    else:
         check_resources(config, local_cpus(config))
         if config.train.use_gpu or config.refresh.num_gpus:
             check_gpus(config, local_gpus())
     return config
+
+
+_CLUSTER_STORAGE_FIX = ("give an absolute path on storage that every node mounts at the same place "
+                        "(cluster.yaml: /mnt/hardbatch/results)")
+_CLUSTER_TRACKING_FIX = ("log to an MLflow server: tracking.uri or $MLFLOW_TRACKING_URI = http://<head>:5000 "
+                         "(cluster.yaml starts one on the head and sets $MLFLOW_TRACKING_URI on every node)")
+
+
+def _sqlite_path(uri: str) -> Optional[str]:
+    """The file of a ``sqlite:///`` URI (absolute when the URI has four slashes), else ``None``."""
+    return uri[len("sqlite:///"):] if uri.lower().startswith("sqlite:///") else None
+
+
+def check_cluster_paths(config: Config) -> None:
+    """On a cluster (``RAY_ADDRESS`` set), what needs no connection: no relative ``storage.path`` and a
+    tracking URI that is given and, for sqlite, absolute.
+
+    A job sent with ``ray job submit --working-dir`` runs in a copy of the working directory that Ray
+    deletes with the job: a relative path (and the default tracking store, ``mlflow.db`` in the working
+    directory) would put checkpoints, graph versions and the MLflow run there.
+    """
+    if not Path(config.storage.path).is_absolute():
+        raise ConfigError(f"storage.path = {config.storage.path!r} is relative, and on a cluster (RAY_ADDRESS is set) "
+                          f"it would resolve inside the job's copy of the working directory, deleted with the job: "
+                          f"{_CLUSTER_STORAGE_FIX}")
+    uri = config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise ConfigError("tracking.uri is not set (nor $MLFLOW_TRACKING_URI): on a cluster (RAY_ADDRESS is set) the "
+                          "default, sqlite:///mlflow.db in the job's copy of the working directory, is deleted with "
+                          f"the job; {_CLUSTER_TRACKING_FIX}")
+    path = _sqlite_path(uri)
+    if path is not None and not path.startswith("/"):
+        raise ConfigError(f"tracking.uri = {uri!r} is a relative sqlite path, and on a cluster (RAY_ADDRESS is set) it "
+                          f"would resolve inside the job's copy of the working directory, deleted with the job; "
+                          f"{_CLUSTER_TRACKING_FIX}, or on a one-node cluster an absolute sqlite:////path/mlflow.db")
+
+
+def check_cluster(config: Config, uri: str, nodes: int, can_add_nodes: bool, reachable: dict[str, float]) -> None:
+    """What a connected cluster must offer the run, before it takes any of it.
+
+    Args:
+        uri: the resolved tracking URI.
+        nodes: alive nodes now.
+        can_add_nodes: whether the autoscaler may add nodes (a node type with room to grow).
+        reachable: the resources the cluster has or can scale to (:func:`reachable_resources`).
+
+    A sqlite store is a file on one node: rank 0 and the driver may run on different nodes and would
+    write two different databases, so it is refused on a cluster of more than one node (now or after
+    scaling). Resources count what the autoscaler can add, so a job can start on a cluster scaled to
+    zero GPU nodes.
+    """
+    if _sqlite_path(uri) is not None and (nodes > 1 or can_add_nodes):
+        shape = f"{nodes} nodes" if nodes > 1 else "a cluster whose autoscaler can add nodes"
+        raise ConfigError(f"tracking.uri = {uri!r}: a sqlite file lives on one node, and on {shape} the driver and "
+                          f"rank 0 may write different copies; {_CLUSTER_TRACKING_FIX}")
+    check_resources(config, reachable.get("CPU", 0.0), where="the cluster can have")
+    if config.train.use_gpu or config.refresh.num_gpus:
+        check_gpus(config, reachable.get("GPU", 0.0), where="the cluster can have, its autoscaler included,",
+                   fix="add a GPU node type to the cluster config, or turn them off")
+
+
+def reachable_resources(current: dict[str, float], autoscaler_max: Optional[dict[str, float]]) -> dict[str, float]:
+    """Per resource, the larger of what the cluster has now and what its autoscaler config allows
+    (``None``: no autoscaler, e.g. ``ray start --head`` by hand)."""
+    out = {k: float(v) for k, v in current.items()}
+    for key, value in (autoscaler_max or {}).items():
+        out[key] = max(out.get(key, 0.0), float(value))
+    return out
 
 
 def local_gpus() -> int:
@@ -535,7 +605,8 @@ def gpu_demand(config: Config) -> float:
     return config.train.num_workers * config.train.use_gpu + config.refresh.pool_size * config.refresh.num_gpus
 
 
-def check_gpus(config: Config, gpus: float) -> None:
+def check_gpus(config: Config, gpus: float, where: str = "a local Ray will have",
+               fix: str = "run on a GPU machine or a cluster via RAY_ADDRESS, or turn them off") -> None:
     """The run's GPU requests (:func:`gpu_demand`) must fit in ``gpus``, or Ray would wait for
     them forever."""
     wanted = gpu_demand(config)
@@ -543,8 +614,7 @@ def check_gpus(config: Config, gpus: float) -> None:
         asked = [f"train.use_gpu = true ({config.train.num_workers} workers x 1)"] if config.train.use_gpu else []
         if config.refresh.num_gpus:
             asked.append(f"refresh.num_gpus = {config.refresh.num_gpus:g} x {config.refresh.pool_size} actors")
-        raise ConfigError(f"{' and '.join(asked)}: {wanted:g} GPUs wanted, a local Ray will have {gpus:g} "
-                          f"(run on a GPU machine or a cluster via RAY_ADDRESS, or turn them off)")
+        raise ConfigError(f"{' and '.join(asked)}: {wanted:g} GPUs wanted, {where} {gpus:g} ({fix})")
 
 
 def local_cpus(config: Config) -> int:
@@ -552,19 +622,20 @@ def local_cpus(config: Config) -> int:
     return config.ray.num_cpus or os.cpu_count() or 1
 
 
-def check_resources(config: Config, cpus: float) -> None:
+def check_resources(config: Config, cpus: float, where: str = "Ray will have") -> None:
     """Train workers plus the embedding pool must fit in ``cpus`` logical CPUs (no deadlock)."""
     workers = config.train.num_workers
     if workers > cpus:
+        fix = "set ray.num_cpus, or " if where == "Ray will have" else ""
         raise ConfigError(
-            f"train.num_workers = {workers} exceeds the {cpus:g} CPUs Ray will have "
-            f"(set ray.num_cpus, or use at most {int(cpus)} workers)")
+            f"train.num_workers = {workers} exceeds the {cpus:g} CPUs {where} "
+            f"({fix}use at most {int(cpus)} workers)")
     reserved = config.refresh.pool_size * config.refresh.num_cpus
     per_worker = config.train.cpus_per_worker
     if per_worker is not None and workers * per_worker + reserved > cpus:
         raise ConfigError(
             f"train.cpus_per_worker = {per_worker:g} x {workers} workers plus the embedding pool "
-            f"({reserved:g} CPUs) exceeds the {cpus:g} CPUs Ray will have")
+            f"({reserved:g} CPUs) exceeds the {cpus:g} CPUs {where}")
     if per_worker is None and (cpus - reserved) / workers <= 0:
         raise ConfigError(
             f"refresh.pool_size x refresh.num_cpus = {reserved:g} leaves no CPU for "

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from pipelines.config import Config, ConfigError, check_resources, cpus_per_worker, local_cpus
+from pipelines.config import (Config, ConfigError, check_cluster, check_resources, cpus_per_worker, local_cpus,
+                              reachable_resources)
 from trainers.tracking import PARENT_RUN_TAG, experiment_id_for, resolve_tracking_uri
 
 NAMESPACE = "hardbatch"
@@ -75,6 +76,43 @@ def init_ray(config: Config) -> None:
                  include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
     if not verbose:
         drop_harmless_worker_lines()
+
+
+def autoscaler_limits() -> tuple[Optional[dict[str, float]], bool]:
+    """The resources the cluster's autoscaler config allows (``None`` without an autoscaler, as on a
+    head started by hand) and whether it can add nodes.
+
+    Read from the cluster config the autoscaler publishes in the GCS, through the same (private) Ray
+    API Ray Data uses to size its requests; if it cannot be read, the cluster counts as fixed.
+    """
+    try:
+        from ray._private.state import state
+
+        cluster = state.get_cluster_config()
+        limits = state.get_max_resources_from_cluster_config() if cluster is not None else None
+    except Exception:  # a private API: never let it take the run down
+        return None, False
+    if cluster is None:
+        return None, False
+    can_grow = any(group.max_count == -1 or group.max_count > group.min_count
+                   for group in cluster.node_group_configs if group.resources and group.max_count != 0)
+    return ({k: float(v) for k, v in limits.items()} if limits else None), can_grow
+
+
+def check_capacity(config: Config, uri: str) -> float:
+    """Check, once connected and before taking anything, that this Ray can run the job; returns the
+    CPUs it has (a local Ray) or can have (a cluster, its autoscaler included)."""
+    import ray
+
+    current = ray.cluster_resources()
+    if not os.environ.get("RAY_ADDRESS"):
+        check_resources(config, float(current.get("CPU", 0)))
+        return float(current.get("CPU", 0))
+    limits, can_grow = autoscaler_limits()
+    reachable = reachable_resources(current, limits)
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    check_cluster(config, uri, nodes, can_grow, reachable)
+    return reachable.get("CPU", 0.0)
 
 
 def derive(config: Config, cluster_cpus: float, train_size: int) -> dict[str, Any]:
@@ -245,8 +283,7 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
     check_dataset_size(config, prepared.sizes["train"])
 
     init_ray(config)
-    cluster_cpus = float(ray.cluster_resources().get("CPU", 0))
-    check_resources(config, cluster_cpus)
+    cluster_cpus = check_capacity(config, uri)
 
     if resume:
         client.update_run(run_id, status="RUNNING")

@@ -195,3 +195,26 @@ def test_neighbour_overlap_hand_case():
     old = np.array([[1, 2, 3], [0, 2, 3]])
     new = np.array([[3, 2, 1], [4, 5, 0]])
     assert neighbour_overlap(old, new) == pytest.approx((1.0 + 1 / 3) / 2)
+
+
+def test_autoscaler_limits_read_the_config_the_autoscaler_publishes(ray_env):
+    # What `ray up` publishes in the GCS, written here by hand into the session's head: a 4-CPU head
+    # and a GPU node type that scales from 0 to 4 nodes.
+    from ray._raylet import GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, GCS_AUTOSCALER_STATE_NAMESPACE
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+
+    from pipelines.run import autoscaler_limits
+
+    assert autoscaler_limits() == (None, False)  # a head started by hand has no autoscaler
+    config = autoscaler_pb2.ClusterConfig()
+    for name, resources, low, high in (("head", {"CPU": 4}, 1, 1), ("gpu", {"CPU": 8, "GPU": 1}, 0, 4)):
+        group = config.node_group_configs.add(name=name, min_count=low, max_count=high)
+        group.resources.update(resources)
+    key, space = GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode(), GCS_AUTOSCALER_STATE_NAMESPACE.encode()
+    _internal_kv_put(key, config.SerializeToString(), namespace=space)
+    try:
+        assert autoscaler_limits() == ({"CPU": 36.0, "GPU": 4.0}, True)
+    finally:
+        _internal_kv_del(key, namespace=space)
+    assert autoscaler_limits() == (None, False)

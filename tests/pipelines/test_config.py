@@ -237,3 +237,54 @@ def test_cli_version(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.startswith("hardbatch ")
+
+
+@pytest.mark.parametrize("overrides, env_uri, pattern", [
+    (["storage.path=hardbatch_results", "tracking.uri=http://127.0.0.1:5000"], None,
+     r"^storage.path = 'hardbatch_results' is relative, and on a cluster .* deleted with the job: give an absolute path"),
+    (["storage.path=/mnt/shared/results"], None,
+     r"^tracking.uri is not set \(nor \$MLFLOW_TRACKING_URI\): .* log to an MLflow server"),
+    (["storage.path=/mnt/shared/results", "tracking.uri=sqlite:///mlflow.db"], None,
+     r"^tracking.uri = 'sqlite:///mlflow.db' is a relative sqlite path"),
+    (["storage.path=/mnt/shared/results"], "sqlite:///runs.db", r"^tracking.uri = 'sqlite:///runs.db' is a relative"),
+])
+def test_cluster_paths_that_the_job_would_lose_are_refused_before_connecting(overrides, env_uri, pattern, monkeypatch):
+    # `ray job submit --working-dir` runs the driver in a copy of the directory that Ray deletes with the job
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:1")  # nothing listens there: validate must not connect
+    if env_uri:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", env_uri)
+    else:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ConfigError, match=pattern):
+        load_config("configs/smoke.yaml", overrides)
+
+
+def test_cluster_paths_that_every_node_can_reach_are_accepted(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:1")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.1:5000")
+    load_config("configs/smoke.yaml", ["storage.path=/mnt/shared/results"])
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    load_config("configs/smoke.yaml", ["storage.path=/mnt/shared/results", "tracking.uri=sqlite:////mnt/shared/m.db"])
+
+
+def test_connected_cluster_checks_count_nodes_and_what_the_autoscaler_can_add():
+    from pipelines.config import check_cluster, reachable_resources
+
+    gpu = Config.model_validate({"train": {"use_gpu": True, "num_workers": 2}})
+    sqlite, server = "sqlite:////mnt/shared/m.db", "http://10.0.0.1:5000"
+    check_cluster(gpu, sqlite, nodes=1, can_add_nodes=False, reachable={"CPU": 8, "GPU": 2})  # one node: one file
+    for nodes, grows in ((3, False), (1, True)):
+        with pytest.raises(ConfigError, match=r"^tracking.uri = 'sqlite:////mnt/shared/m.db': a sqlite file lives on one "
+                                              r"node, .* log to an MLflow server"):
+            check_cluster(gpu, sqlite, nodes=nodes, can_add_nodes=grows, reachable={"CPU": 8, "GPU": 2})
+    # a cluster scaled to zero GPU nodes whose autoscaler can add 4 of them: the job may start
+    head_only = {"CPU": 4.0, "memory": 1e10}
+    reachable = reachable_resources(head_only, {"CPU": 36.0, "GPU": 4.0})
+    assert reachable == {"CPU": 36.0, "GPU": 4.0, "memory": 1e10}
+    assert reachable_resources(head_only, None) == head_only
+    check_cluster(gpu, server, nodes=1, can_add_nodes=True, reachable=reachable)
+    with pytest.raises(ConfigError, match=r"^train.use_gpu = true \(2 workers x 1\): 2 GPUs wanted, the cluster can "
+                                          r"have, its autoscaler included, 0 \(add a GPU node type"):
+        check_cluster(gpu, server, nodes=1, can_add_nodes=False, reachable=head_only)
+    with pytest.raises(ConfigError, match=r"^train.num_workers = 2 exceeds the 1 CPUs the cluster can have \(use at most 1"):
+        check_cluster(Config.model_validate({}), server, nodes=1, can_add_nodes=False, reachable={"CPU": 1.0})
