@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 from pipelines.config import (Config, ConfigError, check_cluster, check_resources, cpus_per_worker, local_cpus,
                               reachable_resources)
-from trainers.tracking import PARENT_RUN_TAG, experiment_id_for, resolve_tracking_uri
+from trainers.tracking import PARENT_RUN_TAG, check_tracking_server, experiment_id_for, resolve_tracking_uri
 
 NAMESPACE = "hardbatch"
 
@@ -250,6 +250,10 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
     t_called = time.perf_counter()
     quiet_logging()
     uri = resolve_tracking_uri(config.tracking.uri)
+    try:
+        check_tracking_server(uri)  # an http(s) server that does not answer, or refuses us: one line, no Ray
+    except ValueError as err:
+        raise ConfigError(f"tracking.uri = {uri!r}: {err}") from None
     run_name = config.tracking.run_name or (
         f"{config.loss.name}-{config.sampler.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = Path(config.storage.path).resolve() / run_name

@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from pipelines.config import Config, ConfigError, cpus_per_worker, gpu_demand, load_config, parse_override
 from pipelines.run import _print
-from trainers.tracking import experiment_id_for, resolve_tracking_uri
+from trainers.tracking import check_tracking_server, experiment_id_for, resolve_tracking_uri
 
 KIND_TAG = "hardbatch.kind"
 GRID_TAG = "hardbatch.grid"
@@ -220,6 +220,10 @@ def run_sweep(plan: SweepPlan, max_parallel: Optional[int] = None, runner: Optio
 
     if max_parallel is not None and max_parallel < 1:  # before the parent run exists
         raise ConfigError(f"--max-parallel {max_parallel}: must be at least 1")
+    try:
+        check_tracking_server(plan.tracking_uri)  # before the parent run, in one line
+    except ValueError as err:
+        raise ConfigError(f"tracking.uri = {plan.tracking_uri!r}: {err}") from None
     runner = runner or _default_runner
     client = MlflowClient(plan.tracking_uri)
     parent_id = _start_parent(client, plan)

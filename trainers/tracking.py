@@ -40,6 +40,34 @@ def resolve_tracking_uri(uri: Optional[str], cwd: Optional[str] = None) -> str:
     return uri
 
 
+def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
+    """For an ``http(s)`` tracking URI: one request to the server, with the credentials MLflow itself
+    would send (``$MLFLOW_TRACKING_USERNAME`` / ``$MLFLOW_TRACKING_PASSWORD``, else
+    ``~/.mlflow/credentials``; a token, TLS settings), so that a server that does not answer or
+    refuses the credentials is reported in one line before Ray starts, not as a stack trace after.
+
+    Raises:
+        ValueError: what is wrong and how to fix it.
+    """
+    if not uri.lower().startswith(("http://", "https://")):
+        return
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    creds = get_default_host_creds(uri)
+    try:
+        response = http_request(creds, "/api/2.0/mlflow/experiments/search", "GET", max_retries=0,
+                                timeout=timeout_s, raise_on_status=False, params={"max_results": 1})
+    except Exception as err:  # connection refused, DNS, TLS, timeout: MLflow wraps them
+        reason = str(err).splitlines()[0][:200]
+        raise ValueError(f"no MLflow server answers there ({reason}); start it, or fix the URI") from None
+    if response.status_code in (401, 403):
+        who = f"user {creds.username!r}" if creds.username else "a request without credentials"
+        raise ValueError(f"the MLflow server refused {who} (HTTP {response.status_code}): set "
+                         f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or ~/.mlflow/credentials) "
+                         f"to an account of that server")
+
+
 def artifact_root_for(uri: str) -> Optional[str]:
     """Where artifacts of a new experiment go for a sqlite store: ``mlruns/`` beside the database."""
     prefix = "sqlite:///"

@@ -2,15 +2,18 @@
 to a real Ray head with token authentication, logging to a real `mlflow server` over HTTP.
 
 The head is the session's (tests/conftest.py: `ray start --head` on 127.0.0.1, a token made for the
-session); the MLflow server is started here on 127.0.0.1 at a free port with a sqlite backend and
-proxied artifacts, and the job finds it through MLFLOW_TRACKING_URI as on a cluster node. Only the
-server's own process group is stopped.
+session); the MLflow server is started here on 127.0.0.1 at a free port with a sqlite backend, proxied
+artifacts and MLflow's basic authentication (`--app-name basic-auth`, as cluster.yaml starts it), and
+the job finds it and its credentials through MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME and
+MLFLOW_TRACKING_PASSWORD, as on a cluster node. Only the server's own process group is stopped.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import secrets
 import subprocess
 import sys
 import urllib.error
@@ -19,16 +22,22 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
-from _procs import free_port, stop_group, wait_for
+from _procs import free_port, run_cli, stop_group, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's ray, mlflow and hardbatch
 
 
-def _get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=30) as response:
+def _request(url: str, auth: tuple[str, str], data: dict | None = None) -> dict:
+    """GET (or POST ``data``) ``url`` with HTTP basic authentication; the JSON answer."""
+    token = base64.b64encode(":".join(auth).encode()).decode()
+    headers = {"Authorization": f"Basic {token}", "Content-Type": "application/json"}
+    body = json.dumps(data).encode() if data is not None else None
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST" if body else "GET")
+    with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
 
 
@@ -40,30 +49,53 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def _head_server_script(home: Path, port: int) -> str:
+    """cluster.yaml's own commands that set up and start the head's MLflow server, made to run here:
+    the head's home is ``home``, the server binds 127.0.0.1:``port`` with one worker, artifacts go to
+    a local directory instead of the bucket, and the pip line (the extra is installed) is left out."""
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    commands = [c for c in config["head_setup_commands"] if "pip install" not in c]
+    commands += [c for c in config["head_start_ray_commands"] if "mlflow server" in c]
+    script = "\n".join(commands)
+    for old, new in (("/home/ubuntu", str(home)), ("127.0.0.1:5000", f"127.0.0.1:{port}"),
+                     ("--host 0.0.0.0 --port 5000", f"--host 127.0.0.1 --port {port} --workers 1"),
+                     ("s3://hardbatch-example-bucket/mlflow-artifacts", str(home / "artifacts"))):
+        assert old in script, old
+        script = script.replace(old, new)
+    return script
+
+
 @pytest.fixture
 def mlflow_server(tmp_path):
-    """``mlflow server`` on 127.0.0.1; yields its URL and the server's own directory."""
-    server_dir = tmp_path / "server"
-    server_dir.mkdir()
+    """The head's ``mlflow server --app-name basic-auth``, started by cluster.yaml's commands on
+    127.0.0.1, with the account of a ``~/.mlflow/credentials`` made here (as a user makes it before
+    ``ray up``); yields its URL, the server's home and the credentials (username, password)."""
+    home = tmp_path / "head"
+    (home / ".mlflow").mkdir(parents=True)
+    auth = ("hardbatch-admin", secrets.token_urlsafe(16))
+    (home / ".mlflow" / "credentials").write_text(
+        f"[mlflow]\nmlflow_tracking_username = {auth[0]}\nmlflow_tracking_password = {auth[1]}\n")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{server_dir / 'mlflow.db'}",
-           "--artifacts-destination", str(server_dir / "artifacts")]
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(cmd, cwd=server_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    env.update(HOME=str(home), PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+    # Output to a file, not a pipe: the background job (`curl ... || nohup mlflow server ... &`) keeps
+    # the script's stdout open for as long as the server runs.
+    script_log = tmp_path / "head-setup.log"
+    with open(script_log, "w") as out:
+        setup = subprocess.Popen(["bash", "-ec", _head_server_script(home, port)], cwd=home, env=env,
+                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
+        setup.wait(timeout=60)  # the server itself runs on in the background
+        assert setup.returncode == 0, script_log.read_text()[-3000:]
         try:
-            wait_for(lambda: _healthy(url), 120, "healthy mlflow server", proc=server, period=1.0)
+            wait_for(lambda: _healthy(url), 120, "healthy mlflow server", period=1.0)
         except AssertionError as err:
-            raise AssertionError(f"{err}; server log:\n{(tmp_path / 'server.log').read_text()[-3000:]}") from None
-        yield url, server_dir
+            log = home / "mlflow" / "server.log"
+            raise AssertionError(f"{err}; server log:\n{log.read_text()[-3000:] if log.exists() else '-'}") from None
+        yield url, home, auth
     finally:
-        stop_group(server.pid, leader=server)
-        server.wait(timeout=30)
-        log.close()
+        stop_group(setup.pid, grace_s=3.0, leader=setup)  # the server stayed in the script's group
 
 
 def _ray(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -74,8 +106,20 @@ def _ray(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.e2e
-def test_job_submit_with_token_auth_logs_to_an_mlflow_server(ray_head, mlflow_server, tmp_path):
-    url, server_dir = mlflow_server
+def test_job_submit_with_token_auth_logs_to_an_mlflow_server(ray_head, mlflow_server, tmp_path, monkeypatch):
+    url, server_home, auth = mlflow_server
+
+    # Basic auth is on: the MLflow server refuses a client without credentials, and hardbatch says so
+    # in one line, before any Ray starts.
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/search?max_results=1", timeout=30)
+    assert refused.value.code == 401
+    no_creds = run_cli([str(BIN / "hardbatch"), "run", "configs/smoke.yaml", "--set", f"tracking.uri={url}",
+                        "--set", f"storage.path={tmp_path / 'refused'}"], cwd=ROOT, timeout=120)
+    assert no_creds.returncode == 2, no_creds.stdout[-2000:] + no_creds.stderr[-2000:]
+    assert (f"hardbatch: config error: tracking.uri = '{url}': the MLflow server refused a request without "
+            f"credentials (HTTP 401): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") in no_creds.stderr
+    assert "Traceback" not in no_creds.stderr and not (tmp_path / "refused").exists()
 
     # Token auth is on: the Jobs API refuses a request without the token.
     with pytest.raises(urllib.error.HTTPError) as refused:
@@ -83,7 +127,9 @@ def test_job_submit_with_token_auth_logs_to_an_mlflow_server(ray_head, mlflow_se
     assert refused.value.code in (401, 403)
 
     submission_id = f"hardbatch-e2e-{os.getpid()}"
-    runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": url}})  # as cluster.yaml sets it on nodes
+    # as cluster.yaml exports them on every node
+    runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": auth[0],
+                                           "MLFLOW_TRACKING_PASSWORD": auth[1]}})
     submit = _ray("job", "submit", "--address", ray_head.dashboard, "--submission-id", submission_id,
                   "--working-dir", ".", "--runtime-env-json", runtime_env, "--",
                   "hardbatch", "run", "configs/smoke.yaml", "--set", "train.epochs=2",
@@ -108,26 +154,25 @@ def test_job_submit_with_token_auth_logs_to_an_mlflow_server(ray_head, mlflow_se
     with urllib.request.urlopen(request, timeout=30) as response:
         assert json.loads(response.read())["status"] == "SUCCEEDED"
 
-    # The run, read back over HTTP with MLflow's REST API.
-    experiment = _get_json(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=hardbatch-smoke")
-    request = urllib.request.Request(
-        f"{url}/api/2.0/mlflow/runs/search", method="POST", headers={"Content-Type": "application/json"},
-        data=json.dumps({"experiment_ids": [experiment["experiment"]["experiment_id"]]}).encode())
-    with urllib.request.urlopen(request, timeout=30) as response:
-        runs = json.loads(response.read())["runs"]
+    # The run, read back over HTTP with MLflow's REST API and the credentials.
+    experiment = _request(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=hardbatch-smoke", auth)
+    runs = _request(f"{url}/api/2.0/mlflow/runs/search", auth,
+                    {"experiment_ids": [experiment["experiment"]["experiment_id"]]})["runs"]
     assert [r["info"]["run_name"] for r in runs] == ["e2e-job"] and runs[0]["info"]["status"] == "FINISHED"
     run_id = runs[0]["info"]["run_id"]
     params = {p["key"]: p["value"] for p in runs[0]["data"]["params"]}
     assert float(params["derived.cluster_cpus"]) == ray_head.num_cpus  # it ran on the head, not a private Ray
-    history = _get_json(f"{url}/api/2.0/mlflow/metrics/get-history?"
-                        + urllib.parse.urlencode({"run_id": run_id, "metric_key": "eval/knn_acc"}))
+    history = _request(f"{url}/api/2.0/mlflow/metrics/get-history?"
+                       + urllib.parse.urlencode({"run_id": run_id, "metric_key": "eval/knn_acc"}), auth)
     assert len(history["metrics"]) == 2 and max(m["value"] for m in history["metrics"]) > 0.5  # chance 0.1
     latest = {m["key"]: m["value"] for m in runs[0]["data"]["metrics"]}
     assert {"eval/knn_acc_k200", "eval/linear_acc", "eval/alignment", "eval/uniformity", "train/loss"} <= set(latest)
     assert 0.0 <= latest["eval/alignment"] <= 4.0 and -4.0 <= latest["eval/uniformity"] <= 0.0
 
     # Artifacts went through the server's proxy into its artifact store; checkpoints to storage.path.
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", auth[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", auth[1])
     client = MlflowClient(url)
     assert {"config/smoke.yaml", "config/config.resolved.yaml"} <= {a.path for a in client.list_artifacts(run_id, "config")}
-    assert list((server_dir / "artifacts").rglob("config.resolved.yaml"))
+    assert list((server_home / "artifacts").rglob("config.resolved.yaml"))
     assert (tmp_path / "results" / "e2e-job" / "train" / "epoch_0001" / "model.pt").exists()

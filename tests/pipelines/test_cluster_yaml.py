@@ -98,6 +98,15 @@ def test_token_auth_mlflow_server_and_shared_storage(name):
         assert "RAY_AUTH_MODE=token" in commands and "MLFLOW_TRACKING_URI=" in commands
     assert "~/.ray/auth_token" in config["file_mounts"], "every node gets the client's token"
     assert re.search(r"mlflow server .*--backend-store-uri sqlite:////\S+", head_start)
+    # no open door: MLflow's basic auth, one account distributed like the token and exported for jobs
+    # (tests/e2e/test_cluster.py runs these commands and logs a job through them)
+    assert re.search(r"MLFLOW_AUTH_CONFIG_PATH=\S+ .*MLFLOW_AUTH_ADMIN_PASSWORD=.*MLFLOW_FLASK_SERVER_SECRET_KEY=.*"
+                     r"mlflow server --app-name basic-auth --host 0.0.0.0", head_start)
+    assert config["file_mounts"]["~/.mlflow/credentials"] == "~/.mlflow/credentials"
+    for commands in (head_start, worker_start):
+        assert "MLFLOW_TRACKING_USERNAME=" in commands and "MLFLOW_TRACKING_PASSWORD=" in commands
+    head_setup = "\n".join(config["head_setup_commands"])
+    assert 'pip install --quiet "mlflow[auth]"' in head_setup and "authenticate_request_basic_auth" in head_setup
     bucket = re.search(r"--artifacts-destination (s3|gs)://(\S+?)/", head_start)
     assert bucket, "MLflow artifacts go to the bucket"
     assert bucket.group(2) in "\n".join(config["setup_commands"]), "the same bucket is mounted for checkpoints"

@@ -63,3 +63,15 @@ def test_unreachable_server_warns_once_and_keeps_local_record(tmp_path, monkeypa
         tracker.log_metrics({"a": 2.0}, step=1)
     assert sum("MLflow" in str(w.message) for w in caught) == 1
     assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 2
+
+
+def test_tracking_server_check_names_what_is_wrong_in_one_line():
+    import pytest
+
+    from _procs import free_port
+    from trainers.tracking import check_tracking_server
+
+    check_tracking_server("sqlite:////tmp/x.db")  # a file store: nothing to ask
+    with pytest.raises(ValueError, match=r"^no MLflow server answers there \(.*\); start it, or fix the URI$"):
+        check_tracking_server(f"http://127.0.0.1:{free_port()}", timeout_s=2)
+    # a server that refuses the credentials: tests/e2e/test_cluster.py, against a real basic-auth server
