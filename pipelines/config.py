@@ -351,6 +351,11 @@ class StorageConfig(_Section):
     path: str = Field("hardbatch_results", description="checkpoints and graph versions (relative: to cwd)")
 
 
+class CheckpointConfig(_Section):
+    keep: Optional[int] = Field(
+        3, ge=1, description="checkpoints kept, the newest (null: all); the best encoder is kept apart in best/")
+
+
 class Config(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -363,6 +368,7 @@ class Config(_Section):
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":

@@ -115,6 +115,20 @@ def check_capacity(config: Config, uri: str) -> float:
     return reachable.get("CPU", 0.0)
 
 
+DISK_PARTS = {"train": "checkpoints", "graphs": "graph versions", "best": "best encoder", "store": "stored samples",
+              "snapshots": "weight snapshots"}
+
+
+def disk_use(run_dir: Path) -> dict[str, int]:
+    """Bytes under ``run_dir`` by part (:data:`DISK_PARTS`, the rest as ``other``). O(files)."""
+    out = {name: 0 for name in [*DISK_PARTS.values(), "other"]}
+    for path in run_dir.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            top = path.relative_to(run_dir).parts[0]
+            out[DISK_PARTS.get(top, "other")] += path.stat().st_size
+    return out
+
+
 def derive(config: Config, cluster_cpus: float, train_size: int) -> dict[str, Any]:
     """Quantities computed once on the driver and logged beside the config."""
     world = config.train.num_workers
@@ -296,7 +310,7 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
         client, run_id = _start_mlflow_run(config, uri, run_name, parent_run_id)
         run_file.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
     tracker = RunTracker(uri, run_id, str(run_dir / "metrics.jsonl"))
-    status, actors, pump = "FAILED", [], None
+    status, actors, pump, disk = "FAILED", [], None, {}
     try:
         t_start = time.perf_counter()
         try:
@@ -370,6 +384,7 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
             "sampler_name": sampler_name, "refresher_name": refresher_name,
             "tracking_uri": uri, "run_id": run_id, "metrics_path": str(run_dir / "metrics.jsonl"),
             "snapshot_root": str(run_dir / "snapshots"), "eval": config.eval.model_dump(),
+            "best_dir": str(run_dir / "best"), "checkpoint_keep": config.checkpoint.keep,
             "network": network, "loss_kwargs": loss_kwargs, "loss_options": loss_options, "data": data_setup,
             "progress_name": progress_name, "graph_v0": graph_v0,
         }
@@ -379,7 +394,7 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
                                          resources_per_worker={"CPU": derived["derived.cpus_per_worker"]}),
             run_config=RunConfig(name="train", storage_path=str(run_dir),
                                  failure_config=FailureConfig(max_failures=config.train.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=None),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep),
                                  callbacks=[FailureReporter(progress_name)],
                                  logging_config=LoggingConfig(log_level="INFO" if is_verbose() else "WARNING")),
         )
@@ -391,7 +406,9 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
         if result.error is not None:
             raise result.error
         wall = time.perf_counter() - t_start
-        tracker.log_metrics({"run/wall_seconds": wall}, step=config.train.epochs * spe)
+        disk = disk_use(run_dir)
+        tracker.log_metrics({"run/wall_seconds": wall, "run/disk_bytes": sum(disk.values())},
+                            step=config.train.epochs * spe)
         status = "FINISHED"
         final = client.get_run(run_id).data.metrics
     finally:
@@ -406,6 +423,9 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
     _print(f"done: {', '.join(shown) + '; ' if shown else ''}{wall:.0f} s of training, "
            f"{total:.0f} s in all with Ray start-up")
     _print(f"checkpoints, graph versions and metrics.jsonl: {run_dir}")
+    if disk:
+        parts = ", ".join(f"{name} {size / 2**20:.1f}" for name, size in disk.items() if size)
+        _print(f"disk: {sum(disk.values()) / 2**20:.1f} MiB ({parts})")
     _print(f"MLflow run id: {run_id}")
     _print(f"open the MLflow UI: {_mlflow_command()} ui --backend-store-uri {uri} --host 127.0.0.1")
     return RunResult(run_id=run_id, tracking_uri=uri, run_dir=run_dir, metrics=final)

@@ -120,6 +120,26 @@ class _SamplerCore:
             self._persist()
             return self.state()
 
+    def prune(self, floor_step: int) -> list[dict[str, Any]]:
+        """Forget the versions that no step >= ``floor_step`` uses (the newest always stays); returns
+        their entries (version, activate_step, path) so that their files can be deleted.
+
+        The caller vouches that no plan of a step before ``floor_step`` will be asked for again: no
+        checkpoint to resume from, no refresh (``scope: seen``) and no epoch statistics reach back
+        that far. O(number of versions).
+        """
+        with self._lock:
+            keep = [v for i, v in enumerate(self.versions)
+                    if i + 1 == len(self.versions) or self.versions[i + 1]["activate_step"] > floor_step]
+            dropped = [v for v in self.versions if v not in keep]
+            if dropped:
+                self.versions = keep
+                self.planner.prune(floor_step)
+                for step in [s for s in self._cache if s < floor_step]:
+                    del self._cache[step]
+                self._persist()
+            return dropped
+
     def _activate(self, graph_path: str, version: int, activate_step: int, persist: bool) -> None:
         graph = ProximityGraph.load(graph_path)
         self.planner.set_graph(graph.neighbors, version=version, activate_step=activate_step)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -91,6 +92,8 @@ class _RefreshCaller:
         self.tracker = tracker
         self.pending: Optional[ray.ObjectRef] = None
         self.pending_overhead = 0.0  # seconds the pending refresh already cost the trainer
+        self.pending_snapshot: Optional[Path] = None  # its weights, deleted once it has landed
+        self.pending_since = 0  # the first step whose plans it may ask for (scope: seen)
         self.last_boundary = 0
         self.deferred = False  # async: a refresh is due but waits for the running one to land
         self.deferred_count = 0
@@ -120,6 +123,7 @@ class _RefreshCaller:
         activate = boundary if self.mode == "sync" else None
         self.pending = self.refresher.refresh.remote(self.store, str(snapshot), activate, boundary,
                                                      self.last_boundary)
+        self.pending_snapshot, self.pending_since = snapshot, self.last_boundary
         self.pending_overhead = time.perf_counter() - t0
         self.last_boundary = boundary
         if self.mode == "sync":
@@ -139,6 +143,9 @@ class _RefreshCaller:
         info = ray.get(self.pending)
         waited = time.perf_counter() - t0
         self.pending = None
+        if self.pending_snapshot is not None:  # the graph is built: nothing needs these weights any more
+            shutil.rmtree(self.pending_snapshot, ignore_errors=True)
+            self.pending_snapshot = None
         metrics = _refresh_metrics(info)
         if teardown:
             metrics.update({"refresh/stall_seconds": self.pending_overhead,
@@ -153,6 +160,69 @@ class _RefreshCaller:
         if info.get("manifest"):
             self.tracker.log_artifact(info["manifest"], "graphs")
         return metrics["refresh/stall_seconds"]
+
+    def plan_floor(self) -> int:
+        """The first step whose plans a refresh may still ask for (``scope: seen`` re-embeds the ids
+        of the plans since the previous boundary): the pending refresh's, else the next one's."""
+        return self.pending_since if self.pending is not None else self.last_boundary
+
+
+# The metric a run's best encoder is chosen by: the first of these the task reports (higher is better).
+BEST_BY = ("eval/accuracy", "eval/retrieval_acc", "eval/knn_acc")
+
+
+class BestEncoder:
+    """Rank 0 keeps the weights of the best epoch so far in ``best_dir`` (``model.pt`` and
+    ``meta.json``: epoch, step, metric, value), whatever checkpoints are deleted. The value is read
+    back on a restart, so a resumed run keeps comparing against the best of the earlier attempts."""
+
+    def __init__(self, best_dir: str):
+        self.dir = Path(best_dir)
+        meta = self.dir / META_FILE
+        self.value = json.loads(meta.read_text())["value"] if meta.exists() else -math.inf
+
+    def offer(self, model: torch.nn.Module, metrics: dict[str, Any], epoch: int, step: int) -> bool:
+        """Keep ``model`` if its monitored metric beats the best so far; True when it did."""
+        key = next((k for k in BEST_BY if k in metrics), None)
+        if key is None or not math.isfinite(float(metrics[key])) or float(metrics[key]) <= self.value:
+            return False
+        self.dir.mkdir(parents=True, exist_ok=True)
+        save_weights(model, self.dir / (MODEL_FILE + ".tmp"))
+        os.replace(self.dir / (MODEL_FILE + ".tmp"), self.dir / MODEL_FILE)
+        (self.dir / (META_FILE + ".tmp")).write_text(json.dumps(
+            {"epoch": epoch, "step": step, "metric": key, "value": float(metrics[key])}))
+        os.replace(self.dir / (META_FILE + ".tmp"), self.dir / META_FILE)  # written last: the commit
+        self.value = float(metrics[key])
+        return True
+
+
+def prune_graph_versions(sampler, floor: int) -> list[str]:
+    """Forget, in the sampler actor, the graph versions no step >= ``floor`` uses and delete their
+    tables and embeddings (their JSON manifests stay: they are small and logged to MLflow); returns
+    the deleted files."""
+    deleted = []
+    for entry in ray.get(sampler.prune.remote(floor)):
+        graph = Path(entry["path"])
+        for path in (graph, graph.with_name(graph.stem + "_embeddings.npy")):
+            if path.exists():
+                path.unlink()
+                deleted.append(str(path))
+    return deleted
+
+
+def retention_floor(epoch: int, steps_per_epoch: int, keep: Optional[int], refresh_floor: Optional[int]) -> int:
+    """The first step whose plans may still be needed after epoch ``epoch``'s checkpoint is reported.
+
+    Ray Train keeps the newest ``keep`` checkpoints (epochs ``epoch - keep + 1 .. epoch``, at steps
+    ``(epoch - keep + 2) * spe ..``); one epoch more is kept in reserve, for a restart that comes
+    before the controller has registered the newest report (it then resumes from the one before).
+    ``refresh_floor``: what a refresh may still ask for (:meth:`_RefreshCaller.plan_floor`).
+    ``keep=None`` keeps everything (floor 0).
+    """
+    if keep is None:
+        return 0
+    floor = max(0, (epoch + 1 - keep) * steps_per_epoch)
+    return floor if refresh_floor is None else min(floor, refresh_floor)
 
 
 def _maybe_fail(rank: int, step: int) -> None:
@@ -233,7 +303,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         boundaries = set()
     caller = (_RefreshCaller(refresher, train_store, refresh_cfg["mode"], cfg["snapshot_root"], tracker, poster)
               if rank == 0 else None)
+    if caller is not None:  # after a restart: the boundary an uninterrupted run's next refresh starts from
+        caller.last_boundary = max([b for b in boundaries if b <= start_epoch * spe], default=0)
     sync = refresh_cfg["mode"] == "sync"
+    best = BestEncoder(cfg["best_dir"]) if rank == 0 and cfg.get("best_dir") else None
+    keep = cfg.get("checkpoint_keep")
 
     for epoch in range(start_epoch, epochs):
         model.train()
@@ -295,6 +369,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             plans, filled = ray.get(sampler.plans_with_fill.remote(epoch * spe, (epoch + 1) * spe))
             metrics.update(task.evaluate(model, train_store, test_store, plans, final=epoch + 1 == epochs))
             metrics["sampler/filled_ids"] = int(filled.sum())  # ids the walk did not choose (uniform fill)
+            if best is not None and best.offer(model, metrics, epoch, (epoch + 1) * spe):
+                metrics["checkpoint/best_epoch"] = epoch + 1
             tracker.log_metrics(metrics, step=(epoch + 1) * spe)
             poster.post("epoch", epoch=epoch, step=(epoch + 1) * spe,
                         metrics={k: float(v) for k, v in metrics.items() if k != "epoch"})
@@ -310,6 +386,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                     {"epoch": epoch, "step": (epoch + 1) * spe, "sampler": sampler_state}))
                 report_ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=report_ckpt, checkpoint_dir_name=ckpt_name)
+        if rank == 0 and keep is not None:  # retention: graph versions no kept checkpoint needs
+            floor = retention_floor(epoch, spe, keep, caller.plan_floor() if caller is not None else None)
+            pruned = prune_graph_versions(sampler, floor)
+            if pruned:
+                tracker.log_metrics({"checkpoint/pruned_graph_files": len(pruned)}, step=(epoch + 1) * spe)
 
     feed.close()
     if caller is not None:

@@ -41,7 +41,7 @@ def test_sync_refresh_survives_a_driver_crash_and_a_worker_failure(tmp_path):
     cmd = [sys.executable, "-m", "pipelines.cli", "run", str(ROOT / "configs/smoke.yaml"),
            "--set", f"storage.path={tmp_path / 'results'}", "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
            "--set", "tracking.run_name=crash", "--set", f"train.epochs={EPOCHS}", "--set", "refresh.every_epochs=1",
-           "--set", "refresh.mode=sync", "--set", "train.max_failures=1"]
+           "--set", "refresh.mode=sync", "--set", "train.max_failures=1", "--set", "checkpoint.keep=2"]
     first = subprocess.Popen(cmd, cwd=tmp_path, env=private_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -50,7 +50,7 @@ def test_sync_refresh_survives_a_driver_crash_and_a_worker_failure(tmp_path):
         os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started: a crash
         first.wait(timeout=60)
         stop_group(first.pid)
-    v0_mtime = (run_dir / "graphs" / "v0000.npz").stat().st_mtime
+    v0_mtime = (run_dir / "graphs" / "v0000.json").stat().st_mtime  # the manifest outlives the pruned table
     before = json.loads((run_dir / "sampler_state.json").read_text())["versions"]
     # sync: version e is active from the boundary after epoch e - 1; the boundary refresh after
     # epoch 1 ran before that epoch's checkpoint, so v0..v2 were persisted by then
@@ -72,15 +72,19 @@ def test_sync_refresh_survives_a_driver_crash_and_a_worker_failure(tmp_path):
     # ...and the restart, from the newest checkpoint the Train controller had registered: epoch 3's,
     # or epoch 2's when the failure came before the controller took in epoch 3's report
     assert re.search(r"resuming from the checkpoint of epoch [23]: training epochs [34]\.\.4", out.split("worker failure")[1])
-    assert (run_dir / "graphs" / "v0000.npz").stat().st_mtime == v0_mtime  # not rebuilt from scratch
+    assert (run_dir / "graphs" / "v0000.json").stat().st_mtime == v0_mtime  # not rebuilt from scratch
 
     runs = client.search_runs([client.get_experiment_by_name("hardbatch-smoke").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # one run, continued
     rid = runs[0].info.run_id
+    # checkpoint.keep=2: after the last epoch (3) the checkpoints of epochs 2 and 3 stay, and the plans
+    # from step 2 spe on (one checkpoint in reserve) need versions 2 and the one made at 3 spe only
     after = json.loads((run_dir / "sampler_state.json").read_text())["versions"]
-    kept = [v for v in before if v["activate_step"] <= 2 * spe]
-    assert after[:len(kept)] == kept  # the versions active at the checkpoint were reloaded
-    assert [v["activate_step"] for v in after] == [0, spe, 2 * spe, 3 * spe]  # exactly at the boundaries
+    assert after[0] == before[2]  # reloaded from the first run, never rebuilt
+    assert [v["activate_step"] for v in after] == [2 * spe, 3 * spe]  # exactly at the boundaries
+    assert sorted(p.name for p in (run_dir / "graphs").glob("v*.npz")) == [Path(v["path"]).name for v in after]
+    assert len(list((run_dir / "graphs").glob("v*.json"))) >= 4  # every manifest stays
+    assert sorted(p.name for p in (run_dir / "train").glob("epoch_*")) == ["epoch_0002", "epoch_0003"]
     assert {m.step for m in client.get_metric_history(rid, "eval/knn_acc")} == {spe * e for e in range(1, EPOCHS + 1)}
     # every plan after a boundary came from the new version (steps up to 3 spe: versions 0..2,
     # numbered the same by every attempt)

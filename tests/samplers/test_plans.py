@@ -213,3 +213,34 @@ def test_sampler_core_counts_the_ids_of_the_uniform_fill(strategy):
         assert closed.sum() >= 2 and (filled[closed] == 5).all()  # about 12 * 3 / 100 starts per epoch
     else:
         assert not filled.any()
+
+
+def test_sampler_core_prunes_versions_no_later_step_uses_and_restores_without_them(graphs, tmp_path):
+    state = tmp_path / "sampler_state.json"
+    core = _SamplerCore(dict(num_nodes=N, global_batch=B, world_size=W, seed=0, strategy="rwr"), str(state))
+    for version, step in ((0, 0), (1, 10), (2, 20)):
+        core.swap_graph(str(graphs[version].save(tmp_path / f"v{version}.npz")), version, step)
+    before = core.plans(10, 40)
+    assert core.prune(9) == []  # step 9 still uses version 0
+    dropped = core.prune(15)  # steps >= 15 use versions 1 and 2 only
+    assert [v["version"] for v in dropped] == [0] and dropped[0]["path"] == str(tmp_path / "v0.npz")
+    np.testing.assert_array_equal(core.plans(15, 40), before[5:])
+    assert [v["version"] for v in json.loads(state.read_text())["versions"]] == [1, 2]
+    (tmp_path / "v0.npz").unlink()  # what the trainer then deletes
+    restored = _SamplerCore(dict(num_nodes=N, global_batch=B, world_size=W, seed=0, strategy="rwr"), str(state))
+    np.testing.assert_array_equal(restored.plans(15, 40), before[5:])
+    assert [v["version"] for v in core.prune(10**6)] == [1] and core.version_at(10**6) == 2  # the newest stays
+    np.testing.assert_array_equal(core.plans(20, 40), before[10:])
+
+
+@pytest.mark.parametrize("epoch, keep, refresh_floor, expected", [
+    (5, None, 30, 0),   # keep everything
+    (5, 3, None, 30),   # epochs 3..5 kept (steps 40..60), one more in reserve: step 30 = epoch 2's checkpoint
+    (5, 3, 20, 20),     # a refresh may still ask for the plans from step 20 on
+    (1, 3, None, 0),
+    (5, 1, None, 50),
+])
+def test_retention_floor_keeps_one_checkpoint_in_reserve(epoch, keep, refresh_floor, expected):
+    from trainers.loop import retention_floor
+
+    assert retention_floor(epoch, 10, keep, refresh_floor) == expected

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -81,3 +82,39 @@ def test_embed_is_normalised_and_in_eval_mode():
     model.double()
     x = rng.random((4, 1, 8, 8))
     assert torch.allclose(embed(model, x, batch_size=4)[:1], embed(model, x[:1]), rtol=0, atol=1e-12)
+
+
+def test_best_encoder_keeps_the_best_epoch_and_remembers_it_across_restarts(tmp_path):
+    from trainers.loop import BestEncoder
+
+    torch.manual_seed(0)
+    spec = {"width": 4, "embed_dim": 8, "proj_hidden": 8, "proj_dim": 4}
+    first, second = build_model(spec, 1), build_model(spec, 1)
+    best = BestEncoder(str(tmp_path / "best"))
+    assert best.offer(first, {"eval/knn_acc": 0.5, "train/loss": 1.0}, epoch=0, step=10)
+    assert not best.offer(second, {"eval/knn_acc": 0.4}, epoch=1, step=20)  # worse: the first stays
+    assert not best.offer(second, {"eval/knn_acc": float("nan")}, epoch=1, step=20)
+    assert not best.offer(second, {"train/loss": 0.1}, epoch=1, step=20)  # nothing to judge by
+    restarted = BestEncoder(str(tmp_path / "best"))  # a worker-group restart reads the best back
+    assert restarted.value == 0.5 and not restarted.offer(second, {"eval/knn_acc": 0.45}, epoch=2, step=30)
+    loaded = build_model(spec, 1)
+    load_weights(loaded, tmp_path / "best" / "model.pt")
+    for a, b in zip(loaded.state_dict().values(), first.state_dict().values()):
+        assert torch.equal(a, b)
+    # the classifier is judged by its accuracy, not by the kNN monitor it also reports
+    assert restarted.offer(second, {"eval/knn_acc": 0.1, "eval/accuracy": 0.6}, epoch=3, step=40)
+    meta = json.loads((tmp_path / "best" / "meta.json").read_text())
+    assert meta == {"epoch": 3, "step": 40, "metric": "eval/accuracy", "value": 0.6}
+    assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["meta.json", "model.pt"]  # no temp files
+
+
+def test_disk_use_adds_up_the_run_directory_by_part(tmp_path):
+    from pipelines.run import disk_use
+
+    for name, size in (("train/epoch_0000/model.pt", 1000), ("train/epoch_0001/model.pt", 1000),
+                       ("graphs/v0001.npz", 300), ("graphs/v0001.json", 20), ("metrics.jsonl", 7)):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x" * size)
+    use = disk_use(tmp_path)
+    assert use["checkpoints"] == 2000 and use["graph versions"] == 320 and use["other"] == 7
+    assert sum(use.values()) == 2327 and use["weight snapshots"] == 0
