@@ -101,7 +101,8 @@ def test_parallel_capacity_counts_whole_runs(monkeypatch):
     assert parallel_capacity(config, {"CPU": 2.0}) == 1
     assert parallel_capacity(config, {"CPU": 16.0}) == 7  # 2 x 1 + 0.25 = 2.25 per run
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a cluster's GPUs are counted once connected
-    gpu = load_config(SMOKE, ["train.use_gpu=true", "train.cpus_per_worker=1", "ray.num_cpus=8"])
+    gpu = load_config(SMOKE, ["train.use_gpu=true", "train.cpus_per_worker=1", "ray.num_cpus=8",
+                              "storage.path=/mnt/shared/results", "tracking.uri=http://10.0.0.1:5000"])
     assert run_demand(gpu, 64.0) == {"CPU": 2.25, "GPU": 2}
     assert parallel_capacity(gpu, {"CPU": 64.0, "GPU": 4.0}) == 2
     assert parallel_capacity(gpu, {"CPU": 64.0}) == 1  # no GPU node yet (autoscaling from 0)
