@@ -297,6 +297,8 @@ class RefreshConfig(_Section):
     num_cpus: float = Field(0.25, ge=0, description="logical CPUs per embedding actor")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per embedding actor")
     batch_size: int = Field(512, ge=1, description="rows per map_batches call")
+    final_wait_s: float = Field(
+        300.0, ge=0, description="at the end of training, how long to wait for a refresh still running (its graph is only kept on disk)")
 
 
 class EvalConfig(_Section):

@@ -129,8 +129,12 @@ class _RefreshCaller:
         if self.mode == "sync":
             self.finish(block=True, step=boundary)
 
-    def finish(self, block: bool, step: int, teardown: bool = False) -> float:
-        """Collect and log a finished refresh, waiting for it when ``block``.
+    def finish(self, block: bool, step: int, teardown: bool = False, timeout_s: Optional[float] = None) -> float:
+        """Collect and log a finished refresh, waiting for it when ``block`` (at most ``timeout_s``).
+
+        A refresh not done after ``timeout_s`` (at the end of training: one that never got its
+        resources, or a slow one whose graph no step would use) is abandoned with a warning and
+        ``refresh/abandoned``; the run's end then stops its actors.
 
         Returns:
             The seconds the trainer lost to that refresh (0.0 when none was collected).
@@ -139,6 +143,16 @@ class _RefreshCaller:
             return 0.0
         t0 = time.perf_counter()
         if not block and not ray.wait([self.pending], timeout=0)[0]:
+            return 0.0
+        if timeout_s is not None and not ray.wait([self.pending], timeout=timeout_s)[0]:
+            message = (f"the graph refresh started at step {self.last_boundary} was still running {timeout_s:g} s after "
+                       f"training ended (refresh.final_wait_s); abandoned: it has no resources or is slow, and its "
+                       f"graph would only have been kept on disk")
+            self.poster.post("warning", message=message)
+            self.tracker.log_metrics({"refresh/abandoned": 1}, step=step)
+            if self.pending_snapshot is not None:
+                shutil.rmtree(self.pending_snapshot, ignore_errors=True)
+            self.pending, self.pending_snapshot = None, None
             return 0.0
         info = ray.get(self.pending)
         waited = time.perf_counter() - t0
@@ -394,7 +408,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     feed.close()
     if caller is not None:
-        caller.finish(block=True, step=epochs * spe, teardown=True)  # let a refresh in flight land
+        # let a refresh in flight land, within refresh.final_wait_s
+        caller.finish(block=True, step=epochs * spe, teardown=True, timeout_s=refresh_cfg.get("final_wait_s"))
 
 
 def _refresh_metrics(info: dict[str, Any]) -> dict[str, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -218,3 +219,38 @@ def test_autoscaler_limits_read_the_config_the_autoscaler_publishes(ray_env):
     finally:
         _internal_kv_del(key, namespace=space)
     assert autoscaler_limits() == (None, False)
+
+
+def test_a_refresh_that_never_gets_its_resources_is_abandoned_at_the_end_of_training(ray_env, tmp_path):
+    import ray
+
+    from trainers.loop import _RefreshCaller
+    from trainers.progress import ProgressPoster, ProgressRelay
+    from trainers.tracking import RunTracker
+
+    relay = ProgressRelay.options(name="relay-final-wait").remote()
+    from mlflow.tracking import MlflowClient
+
+    uri = "sqlite:///" + str(tmp_path / "m.db")
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("final-wait")).info.run_id
+    tracker = RunTracker(uri, run_id, str(tmp_path / "m.jsonl"))
+    caller = _RefreshCaller(None, None, "async", str(tmp_path / "snapshots"), tracker,
+                            ProgressPoster("relay-final-wait"))
+    never = ray.remote(resources={"no-such-resource": 1})(lambda: {}).remote()  # never scheduled
+    caller.pending = never
+    caller.pending_snapshot = tmp_path / "snapshots" / "step_0000040"
+    caller.pending_snapshot.mkdir(parents=True)
+    caller.last_boundary = 40
+    t0 = time.perf_counter()
+    assert caller.finish(block=True, step=50, teardown=True, timeout_s=1.0) == 0.0
+    assert time.perf_counter() - t0 < 10 and caller.pending is None
+    assert not (tmp_path / "snapshots" / "step_0000040").exists()
+    (event,) = ray.get(relay.take.remote())
+    assert event["kind"] == "warning" and event["message"].startswith(
+        "the graph refresh started at step 40 was still running 1 s after training ended (refresh.final_wait_s)")
+    logged = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert logged[-1]["refresh/abandoned"] == 1 and logged[-1]["step"] == 50
+    assert [m.step for m in client.get_metric_history(run_id, "refresh/abandoned")] == [50]
+    ray.cancel(never)
+    ray.kill(relay)
