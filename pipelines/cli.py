@@ -113,23 +113,45 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     from pipelines.run import run
 
+    _stop_on_sigterm()
     try:
         run(config, config_path=args.config)
     except ConfigError as err:  # e.g. a cluster smaller than the config asks for
         print(f"hardbatch: config error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(STOPPED, flush=True)
+        return 130
     return 0
+
+
+# What an interrupted run or sweep prints: the checkpoints stay, and re-running resumes.
+STOPPED = ("[hardbatch] stopped: the MLflow run is marked KILLED; the same command (same tracking.run_name) "
+           "resumes it from its last checkpoint")
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM stops a run or sweep as Ctrl-C does (:func:`pipelines.run.stop_on_sigterm`, set
+    again once Ray has started)."""
+    from pipelines.run import stop_on_sigterm
+
+    stop_on_sigterm()
 
 
 def _sweep(args: argparse.Namespace) -> int:
     from pipelines.sweep import plan_sweep, run_sweep
 
+    _stop_on_sigterm()
     try:
         plan = plan_sweep(args.config, args.grid, seeds=args.seeds, overrides=args.overrides, name=args.name)
         result = run_sweep(plan, max_parallel=args.max_parallel)
     except ConfigError as err:
         print(f"hardbatch: config error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("[hardbatch] stopped: the sweep and its running child run are marked KILLED in MLflow; "
+              "the child's checkpoints stay", flush=True)
+        return 130
     return 1 if result.failed else 0
 
 

@@ -76,6 +76,23 @@ def init_ray(config: Config) -> None:
                  include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
     if not verbose:
         drop_harmless_worker_lines()
+    stop_on_sigterm()  # after ray.init: Ray's core worker installs a SIGTERM handler that aborts
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (``kill``, a scheduler, ``ray job stop``) stops a run as Ctrl-C does: as a
+    ``KeyboardInterrupt`` in the main thread, so the run's clean-up runs (MLflow run marked KILLED)
+    before the process exits. Only from the main thread (the only one that may set handlers)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def autoscaler_limits() -> tuple[Optional[dict[str, float]], bool]:
@@ -113,6 +130,33 @@ def check_capacity(config: Config, uri: str) -> float:
     nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
     check_cluster(config, uri, nodes, can_grow, reachable)
     return reachable.get("CPU", 0.0)
+
+
+def fit_interruptibly(trainer):
+    """``trainer.fit()`` in a thread of its own, so that Ctrl-C and SIGTERM reach this, the main,
+    thread as ``KeyboardInterrupt`` and the run stops at once, marked KILLED.
+
+    In the main thread, Ray Train installs its own SIGINT handler, which aborts the controller and
+    then exits the process with status 0, past the run's own clean-up. When the driver stops, Ray
+    stops the Train controller and workers of its job; the checkpoints already written stay.
+    """
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as err:  # noqa: BLE001 - handed to the main thread as is
+            box["error"] = err
+
+    thread = threading.Thread(target=target, name="hardbatch-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)  # short waits: a signal is handled between them
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 DISK_PARTS = {"train": "checkpoints", "graphs": "graph versions", "best": "best encoder", "store": "stored samples",
@@ -400,7 +444,7 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
         )
         _print(f"starting {config.train.num_workers} Ray Train workers "
                f"({derived['derived.cpus_per_worker']:g} CPUs{' and 1 GPU' if config.train.use_gpu else ''} each)")
-        result = trainer.fit()
+        result = fit_interruptibly(trainer)
         if v0_report is not None:
             v0_report.join()
         if result.error is not None:
@@ -411,11 +455,18 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
                             step=config.train.epochs * spe)
         status = "FINISHED"
         final = client.get_run(run_id).data.metrics
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (pipelines.cli): a stop, not a failure; resumable
+        status = "KILLED"
+        raise
     finally:
         if pump is not None:
             pump.stop()  # print what the workers posted last
         client.set_terminated(run_id, status=status)
-        for actor in actors:  # the run is over; its state is on disk
+        # The run is over; its state is on disk. Stopped by a signal, the Train workers may still be
+        # running: their actors go with the driver's job, all at once, instead of under them.
+        if status == "KILLED":
+            ray.shutdown()  # at once, before the orphaned workers' complaints reach this console
+        for actor in actors if status != "KILLED" else ():
             ray.kill(actor, no_restart=True)
     total = time.perf_counter() - t_called
     shown = [f"{key} {final[key]:.4f}" for key in ("eval/knn_acc", "eval/linear_acc", "eval/retrieval_acc",

@@ -238,6 +238,9 @@ def run_sweep(plan: SweepPlan, max_parallel: Optional[int] = None, runner: Optio
         else:
             _run_parallel(plan, parent_id, runner, result, client, limit)
         status = "FINISHED" if not result.failed else "FAILED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         client.log_metric(parent_id, "sweep/finished_runs", len(result.finished))
         client.log_metric(parent_id, "sweep/failed_runs", len(result.failed))
