@@ -111,9 +111,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "labelled" if probe.labelled else "unlabelled: kNN and the linear probe will be skipped")
             print(f"data: {source.spec}: found, {kind}")
         return 0
-    from pipelines.run import run
+    from pipelines.run import run, stop_on_sigterm
 
-    _stop_on_sigterm()
+    stop_on_sigterm()  # SIGTERM stops the run as Ctrl-C does (set again once Ray has started)
     try:
         run(config, config_path=args.config)
     except ConfigError as err:  # e.g. a cluster smaller than the config asks for
@@ -130,18 +130,11 @@ STOPPED = ("[hardbatch] stopped: the MLflow run is marked KILLED; the same comma
            "resumes it from its last checkpoint")
 
 
-def _stop_on_sigterm() -> None:
-    """SIGTERM stops a run or sweep as Ctrl-C does (:func:`pipelines.run.stop_on_sigterm`, set
-    again once Ray has started)."""
-    from pipelines.run import stop_on_sigterm
-
-    stop_on_sigterm()
-
-
 def _sweep(args: argparse.Namespace) -> int:
+    from pipelines.run import stop_on_sigterm
     from pipelines.sweep import plan_sweep, run_sweep
 
-    _stop_on_sigterm()
+    stop_on_sigterm()
     try:
         plan = plan_sweep(args.config, args.grid, seeds=args.seeds, overrides=args.overrides, name=args.name)
         result = run_sweep(plan, max_parallel=args.max_parallel)
