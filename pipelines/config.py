@@ -583,7 +583,7 @@ def check_cluster(config: Config, uri: str, nodes: int, can_add_nodes: bool, rea
         shape = f"{nodes} nodes" if nodes > 1 else "a cluster whose autoscaler can add nodes"
         raise ConfigError(f"tracking.uri = {uri!r}: a sqlite file lives on one node, and on {shape} the driver and "
                           f"rank 0 may write different copies; {_CLUSTER_TRACKING_FIX}")
-    check_resources(config, reachable.get("CPU", 0.0), where="the cluster can have")
+    check_resources(config, reachable.get("CPU", 0.0), where="the cluster can have", fix="")
     if config.train.use_gpu or config.refresh.num_gpus:
         check_gpus(config, reachable.get("GPU", 0.0), where="the cluster can have, its autoscaler included,",
                    fix="add a GPU node type to the cluster config, or turn them off")
@@ -630,11 +630,11 @@ def local_cpus(config: Config) -> int:
     return config.ray.num_cpus or os.cpu_count() or 1
 
 
-def check_resources(config: Config, cpus: float, where: str = "Ray will have") -> None:
+def check_resources(config: Config, cpus: float, where: str = "Ray will have",
+                    fix: str = "set ray.num_cpus, or ") -> None:
     """Train workers plus the embedding pool must fit in ``cpus`` logical CPUs (no deadlock)."""
     workers = config.train.num_workers
     if workers > cpus:
-        fix = "set ray.num_cpus, or " if where == "Ray will have" else ""
         raise ConfigError(
             f"train.num_workers = {workers} exceeds the {cpus:g} CPUs {where} "
             f"({fix}use at most {int(cpus)} workers)")

@@ -129,12 +129,11 @@ class _SamplerCore:
         that far. O(number of versions).
         """
         with self._lock:
-            keep = [v for i, v in enumerate(self.versions)
-                    if i + 1 == len(self.versions) or self.versions[i + 1]["activate_step"] > floor_step]
-            dropped = [v for v in self.versions if v not in keep]
+            self.planner.prune(floor_step)  # the planner's rule decides; this list follows it
+            kept = set(self.planner.versions())
+            dropped = [v for v in self.versions if (v["version"], v["activate_step"]) not in kept]
             if dropped:
-                self.versions = keep
-                self.planner.prune(floor_step)
+                self.versions = [v for v in self.versions if v not in dropped]
                 for step in [s for s in self._cache if s < floor_step]:
                     del self._cache[step]
                 self._persist()

@@ -150,16 +150,11 @@ class _RefreshCaller:
                        f"graph would only have been kept on disk")
             self.poster.post("warning", message=message)
             self.tracker.log_metrics({"refresh/abandoned": 1}, step=step)
-            if self.pending_snapshot is not None:
-                shutil.rmtree(self.pending_snapshot, ignore_errors=True)
-            self.pending, self.pending_snapshot = None, None
+            self._drop_pending()
             return 0.0
         info = ray.get(self.pending)
         waited = time.perf_counter() - t0
-        self.pending = None
-        if self.pending_snapshot is not None:  # the graph is built: nothing needs these weights any more
-            shutil.rmtree(self.pending_snapshot, ignore_errors=True)
-            self.pending_snapshot = None
+        self._drop_pending()  # the graph is built: nothing needs its weight snapshot any more
         metrics = _refresh_metrics(info)
         if teardown:
             metrics.update({"refresh/stall_seconds": self.pending_overhead,
@@ -174,6 +169,12 @@ class _RefreshCaller:
         if info.get("manifest"):
             self.tracker.log_artifact(info["manifest"], "graphs")
         return metrics["refresh/stall_seconds"]
+
+    def _drop_pending(self) -> None:
+        self.pending = None
+        if self.pending_snapshot is not None:
+            shutil.rmtree(self.pending_snapshot, ignore_errors=True)
+            self.pending_snapshot = None
 
     def plan_floor(self) -> int:
         """The first step whose plans a refresh may still ask for (``scope: seen`` re-embeds the ids
