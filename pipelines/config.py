@@ -120,10 +120,33 @@ class AugmentConfig(_Section):
 
 
 class ModelConfig(_Section):
-    width: int = Field(32, ge=4, description="channels of the first conv layer (doubled twice)")
-    embed_dim: int = Field(128, ge=2, description="representation size (encoder output)")
-    proj_hidden: int = Field(256, ge=2, description="hidden units of the MLP projector")
+    backbone: Literal["small_cnn", "resnet18", "resnet50", "vit_b_16"] = Field(
+        "small_cnn", description="image encoder: small_cnn (3 conv stages), or torchvision's resnet18, resnet50, "
+                                 "vit_b_16 (random init)")
+    cifar_stem: Optional[bool] = Field(
+        None, description="resnets: 3x3 stride-1 first conv, no max-pool (SimCLR's CIFAR variant); default: on for "
+                          "images of 64 px or less")
+    width: int = Field(32, ge=4, description="small_cnn: channels of the first conv layer (doubled twice)")
+    embed_dim: Optional[int] = Field(
+        None, ge=2, description="representation size (encoder output); default 128, or the backbone's feature width "
+                                "(resnet18 512, resnet50 2048, vit_b_16 768)")
+    proj_hidden: Optional[int] = Field(
+        None, ge=2, description="hidden units of the MLP projector; default: the backbone's feature width "
+                                "(small_cnn: 2 x embed_dim)")
     proj_dim: int = Field(64, ge=2, description="output size of the projector (loss space)")
+
+    @model_validator(mode="after")
+    def _sizes_of_the_backbone(self) -> "ModelConfig":
+        from trainers.models import BACKBONE_WIDTH
+
+        fixed = BACKBONE_WIDTH.get(self.backbone)
+        if fixed is not None and self.embed_dim is not None and self.embed_dim != fixed:
+            raise ValueError(f"model.embed_dim = {self.embed_dim}: model.backbone = {self.backbone!r} gives {fixed} "
+                             f"features (leave model.embed_dim unset)")
+        if self.cifar_stem and not self.backbone.startswith("resnet"):
+            raise ValueError(f"model.cifar_stem = true: model.backbone = {self.backbone!r} has no CIFAR stem "
+                             f"(it applies to resnet18 and resnet50)")
+        return self
 
 
 class TrainConfig(_Section):
@@ -139,6 +162,13 @@ class TrainConfig(_Section):
     seed: int = Field(0, ge=0, description="seed of the model, the augmentations and the batch plans")
     log_every_steps: int = Field(5, ge=1, description="MLflow/progress logging period in steps")
     max_failures: int = Field(1, ge=0, description="worker-group restarts Ray Train may attempt")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast dtype of the forward pass (the losses always compute in fp32); fp16 needs "
+                            "train.use_gpu and adds a gradient scaler; bf16 runs on CPUs and GPUs")
+    channels_last: bool = Field(False, description="images and conv weights in NHWC memory layout (faster convs on "
+                                                   "GPUs with tensor cores)")
+    compile: bool = Field(False, description="torch.compile the network (a C compiler on the workers; the first "
+                                             "steps are slower while it compiles)")
 
 
 LOSS_NAMES = ("infonce", "soft_infonce", "sscl", "mveb", "clip", "conditional", "joint")
@@ -398,6 +428,9 @@ class Config(_Section):
             raise ValueError(
                 f"loss.soft_infonce.noise has {len(noise)} entries: data.source = {source!r} has {classes} "
                 f"classes, so it needs one probability per class")
+        if self.train.precision == "fp16" and not self.train.use_gpu:
+            raise ValueError("train.precision = 'fp16' needs train.use_gpu = true (fp16 autocast is a GPU mode; "
+                             "on CPUs take 'bf16' or 'fp32')")
         if self.train.batch_size // self.train.num_workers < 2:
             raise ValueError(
                 f"train.batch_size = {self.train.batch_size} gives fewer than 2 samples per worker "
@@ -681,6 +714,17 @@ def probe_data(config: Config) -> None:
     if config.loss.kind == "classifier" and noise is not None and classes is not None and len(noise) != classes:
         raise ConfigError(f"loss.soft_infonce.noise has {len(noise)} entries: data.source = {config.data.source!r} has "
                           f"{classes} classes, so it needs one probability per class")
+
+
+def check_model(config: Config, x_shape: tuple[int, ...]) -> None:
+    """The backbone takes the data's samples of ``x_shape`` (known once the data is listed, before Ray)."""
+    from trainers.models import resolve_model
+
+    try:
+        resolve_model(config.model.model_dump(), tuple(x_shape))
+    except ValueError as err:
+        raise ConfigError(f"{err} (data.source = {config.data.source!r} gives samples of shape "
+                          f"{tuple(x_shape)})") from None
 
 
 def check_dataset_size(config: Config, train_size: int) -> None:

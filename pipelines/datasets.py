@@ -81,6 +81,15 @@ class PreparedData:
     def stored_bytes(self) -> int:
         return int(sum(int(np.sum(lst.table.column(NBYTES).to_numpy())) for lst in self.listings.values()))
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one decoded sample of ``x``: ``(3, S, S)`` for images, the tensor's shape otherwise
+        (the store's ``sample_shape``, known before the store is built)."""
+        codec = self.listings["train"].codec
+        if codec["kind"] == "image":
+            return (3, int(self.image_size), int(self.image_size))
+        return tuple(int(d) for d in codec["shape"])
+
 
 def source_options(data_cfg: dict[str, Any]) -> dict[str, Any]:
     """The keyword arguments of :func:`pipelines.sources.make_source` from the ``data:`` section."""

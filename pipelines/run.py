@@ -334,7 +334,7 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
                               f"({run_dir}); choose another run name")
 
     # Checked before Ray starts: the data is listed (or, on resume, its fixed listing read back) and split.
-    from pipelines.config import check_dataset_size
+    from pipelines.config import check_dataset_size, check_model
     from pipelines.datasets import prepare_data
     from pipelines.sources import SourceError
 
@@ -343,6 +343,7 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
     except SourceError as err:
         raise ConfigError(str(err)) from None
     check_dataset_size(config, prepared.sizes["train"])
+    check_model(config, prepared.sample_shape)
 
     init_ray(config)
     cluster_cpus = check_capacity(config, uri)

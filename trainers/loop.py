@@ -30,7 +30,7 @@ import torch.distributed as dist
 from samplers.actor import SamplerClient
 from trainers.feed import Feed
 from trainers.losses import LOSSES
-from trainers.models import load_weights, save_weights
+from trainers.models import NETWORK_FILE, load_weights, save_network, save_weights
 from trainers.progress import ProgressPoster, quiet_logging
 from trainers.tasks import build_task
 from trainers.tracking import RunTracker
@@ -191,8 +191,9 @@ class BestEncoder:
     ``meta.json``: epoch, step, metric, value), whatever checkpoints are deleted. The value is read
     back on a restart, so a resumed run keeps comparing against the best of the earlier attempts."""
 
-    def __init__(self, best_dir: str):
+    def __init__(self, best_dir: str, spec: Optional[dict[str, Any]] = None):
         self.dir = Path(best_dir)
+        self.spec = spec  # the network spec, written beside the weights when given
         meta = self.dir / META_FILE
         self.value = json.loads(meta.read_text())["value"] if meta.exists() else -math.inf
 
@@ -204,6 +205,8 @@ class BestEncoder:
         self.dir.mkdir(parents=True, exist_ok=True)
         save_weights(model, self.dir / (MODEL_FILE + ".tmp"))
         os.replace(self.dir / (MODEL_FILE + ".tmp"), self.dir / MODEL_FILE)
+        if self.spec is not None:
+            (self.dir / NETWORK_FILE).write_text(json.dumps(self.spec, indent=1))
         (self.dir / (META_FILE + ".tmp")).write_text(json.dumps(
             {"epoch": epoch, "step": step, "metric": key, "value": float(metrics[key])}))
         os.replace(self.dir / (META_FILE + ".tmp"), self.dir / META_FILE)  # written last: the commit
@@ -251,12 +254,55 @@ def _maybe_fail(rank: int, step: int) -> None:
         os._exit(1)
 
 
-def _mean_across_ranks(value: float) -> float:
+def mean_across_ranks(value: float, device: torch.device) -> float:
+    """The mean of ``value`` over the ranks, reduced on ``device``: the worker's own device, since NCCL
+    takes CUDA tensors only and gloo CPU ones. ``value`` itself without a process group."""
     if not (dist.is_available() and dist.is_initialized()):
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.item() / dist.get_world_size()
+
+
+def prepare_network(task, train_cfg: dict[str, Any], prepare=None) -> torch.nn.Module:
+    """The task's fresh network, in NHWC layout when ``train.channels_last``, passed through ``prepare``
+    (Ray Train's ``prepare_model``: to the worker's device, DDP-wrapped), then ``torch.compile``d when
+    ``train.compile``. ``prepare`` defaults to moving nothing (tests, one process)."""
+    model = task.build()
+    if train_cfg.get("channels_last"):
+        model = model.to(memory_format=torch.channels_last)
+    if prepare is not None:
+        model = prepare(model)
+    if train_cfg.get("compile"):
+        model = torch.compile(model)
+    return model
+
+
+class Stepper:
+    """One optimiser step of a loss, in the run's precision: a plain backward and step in fp32 and bf16,
+    a gradient scaler for fp16 (whose small exponent range underflows unscaled gradients). The scaler's
+    state goes into checkpoints (``scaler.pt``) so a resumed fp16 run keeps its scale."""
+
+    FILE = "scaler.pt"
+
+    def __init__(self, optimizer: torch.optim.Optimizer, precision: str, device: torch.device):
+        self.optimizer = optimizer
+        self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def save(self, directory: Path) -> None:
+        if self.scaler.is_enabled():
+            torch.save(self.scaler.state_dict(), Path(directory, self.FILE))
+
+    def load(self, directory: Path) -> None:
+        path = Path(directory, self.FILE)
+        if self.scaler.is_enabled() and path.exists():
+            self.scaler.load_state_dict(torch.load(path, weights_only=True))
 
 
 def _barrier() -> None:
@@ -277,10 +323,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     torch.manual_seed(train_cfg["seed"])
     loss_fn = LOSSES[conf["loss"]["name"]](**cfg["loss_kwargs"])
     data_cfg = cfg.get("data") or {}
-    task = build_task(cfg["network"], loss_fn, cfg.get("loss_options"), conf["eval"], data_cfg.get("augment"))
-    model = ray.train.torch.prepare_model(task.build())
+    task = build_task(cfg["network"], loss_fn, cfg.get("loss_options"), conf["eval"], data_cfg.get("augment"),
+                      precision=train_cfg.get("precision", "fp32"), channels_last=train_cfg.get("channels_last", False))
+    device = ray.train.torch.get_device()  # the GPU Ray Train gave this worker, or the CPU
+    model = prepare_network(task, train_cfg, ray.train.torch.prepare_model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
-    device = ray.train.torch.get_device()
+    stepper = Stepper(optimizer, train_cfg.get("precision", "fp32"), device)
     loss_fn.to(device)
     task.attach(model)
 
@@ -290,7 +338,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             load_weights(model, Path(ckpt_dir, MODEL_FILE))
-            optimizer.load_state_dict(torch.load(Path(ckpt_dir, OPTIM_FILE), weights_only=True))
+            optimizer.load_state_dict(torch.load(Path(ckpt_dir, OPTIM_FILE), map_location=device, weights_only=True))
+            stepper.load(Path(ckpt_dir))
             task.load_state(Path(ckpt_dir))
             start_epoch = json.loads(Path(ckpt_dir, META_FILE).read_text())["epoch"] + 1
     torch.manual_seed(train_cfg["seed"] * 7919 + rank * 104729 + start_epoch)  # augmentation stream
@@ -321,7 +370,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     if caller is not None:  # after a restart: the boundary an uninterrupted run's next refresh starts from
         caller.last_boundary = max([b for b in boundaries if b <= start_epoch * spe], default=0)
     sync = refresh_cfg["mode"] == "sync"
-    best = BestEncoder(cfg["best_dir"]) if rank == 0 and cfg.get("best_dir") else None
+    best = BestEncoder(cfg["best_dir"], cfg["network"]) if rank == 0 and cfg.get("best_dir") else None
     keep = cfg.get("checkpoint_keep")
 
     for epoch in range(start_epoch, epochs):
@@ -342,9 +391,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss, extras = task.batch_loss(model, batch, device)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            stepper.step(loss)
             task.after_step(model, (step + 1) / (epochs * spe))
             window_loss += loss.item()
             window_steps += 1
@@ -352,8 +399,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 window_extras[key] = window_extras.get(key, 0.0) + value
 
             if (step + 1) % train_cfg["log_every_steps"] == 0 or local_step == spe - 1:
-                mean_loss = _mean_across_ranks(window_loss / window_steps)
-                skipped = _mean_across_ranks(float(feed.skipped)) * world  # corrupt samples replaced, all ranks
+                mean_loss = mean_across_ranks(window_loss / window_steps, device)
+                skipped = mean_across_ranks(float(feed.skipped), device) * world  # corrupt samples replaced, all ranks
                 if not math.isfinite(mean_loss):
                     raise FloatingPointError(f"train/loss is {mean_loss} at step {step + 1} "
                                              f"(loss {conf['loss']['name']}); stopping before the weights are lost")
@@ -393,8 +440,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             report_ckpt = None
             if rank == 0:
-                save_weights(model, Path(tmp, MODEL_FILE))
+                save_network(model, cfg["network"], tmp)  # model.pt (CPU tensors) and network.json
                 torch.save(optimizer.state_dict(), Path(tmp, OPTIM_FILE))
+                stepper.save(Path(tmp))
                 task.save_state(Path(tmp))
                 sampler_state = ray.get(sampler.state.remote())
                 Path(tmp, META_FILE).write_text(json.dumps(

@@ -28,6 +28,7 @@ holds no more) against a fixed seeded subset of at most ``eval.max_train_samples
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 from typing import Any, ClassVar, Optional
@@ -53,6 +54,7 @@ from trainers.losses.mveb import vmf_concentration
 from trainers.models import build_network, unwrap
 
 TARGET_FILE = "target.pt"  # the EMA target network in a checkpoint
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision -> autocast dtype
 
 
 class Task:
@@ -65,13 +67,24 @@ class Task:
         eval_cfg: the ``eval:`` config section.
         augment: ``{"preset": "digits" | "natural", "blur": bool}`` (the driver resolves
             ``augment.preset: auto``); default: ``digits`` for 1-channel images, ``natural`` otherwise.
+        precision: ``fp32``, or ``bf16``/``fp16``: the dtype of the forward pass under autocast (the loss
+            itself always computes in fp32, see ``ContrastiveLoss.__call__``).
+        channels_last: images go to the network in NHWC layout (the loop converts the weights).
+
+    Every tensor of a step goes to the ``device`` the loop passes in (the one Ray Train gives the
+    worker); nothing here assumes the CPU.
     """
 
     kind: ClassVar[str] = "siamese"
     views: ClassVar[int] = 2  # augmented views of x per sample in a batch
 
     def __init__(self, spec: dict[str, Any], loss_fn: ContrastiveLoss, options: Optional[dict[str, Any]] = None,
-                 eval_cfg: Optional[dict[str, Any]] = None, augment: Optional[dict[str, Any]] = None):
+                 eval_cfg: Optional[dict[str, Any]] = None, augment: Optional[dict[str, Any]] = None,
+                 precision: str = "fp32", channels_last: bool = False):
+        if precision != "fp32" and precision not in AUTOCAST_DTYPES:
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+        self.precision = precision
+        self.channels_last = channels_last
         self.spec = spec
         self.loss_fn = loss_fn
         self.options = dict(options or {})
@@ -106,6 +119,17 @@ class Task:
 
     # -- one step ----------------------------------------------------------------------------------
 
+    def autocast(self, device: torch.device):
+        """The forward pass's precision context on ``device`` (a no-op for fp32)."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(device).type, dtype=AUTOCAST_DTYPES[self.precision])
+
+    def inputs(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A batch of samples on ``device`` as float (uint8 pixels scaled there), NHWC when ``channels_last``."""
+        x = to_float(x.to(device, non_blocking=True))
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
     def batch_maker(self, store, views: Optional[int] = None) -> BatchMaker:
         """The recipe of this task's batches from ``store`` (what the feed decodes and augments)."""
         return BatchMaker(codec=store.codec, v_codec=store.v_codec, views=views or self.views,
@@ -114,9 +138,10 @@ class Task:
     def batch_loss(self, model: nn.Module, batch: dict[str, Any],
                    device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss of this rank's batch (from the feed) and per-step diagnostics (floats)."""
-        view_a, view_b = (to_float(v.to(device, non_blocking=True)) for v in batch["views"])
-        _, z = model(torch.cat([view_a, view_b]))
-        z_a, z_b = z.chunk(2)
+        view_a, view_b = (self.inputs(v, device) for v in batch["views"])
+        with self.autocast(device):
+            _, z = model(torch.cat([view_a, view_b]))
+        z_a, z_b = z.float().chunk(2)
         return self.loss_fn(z_a, z_b), {}
 
     def step_loss(self, model: nn.Module, store, ids: np.ndarray,
@@ -252,12 +277,13 @@ class EMATask(Task):
         self.target.to(device).train()
 
     def batch_loss(self, model, batch, device):
-        views = torch.cat([to_float(v.to(device, non_blocking=True)) for v in batch["views"]])
-        _, z = model(views)
-        with torch.no_grad():
-            _, t = self.target(views)
-        z_a, z_b = z.chunk(2)
-        t_a, t_b = t.chunk(2)
+        views = torch.cat([self.inputs(v, device) for v in batch["views"]])
+        with self.autocast(device):
+            _, z = model(views)
+            with torch.no_grad():
+                _, t = self.target(views)
+        z_a, z_b = z.float().chunk(2)
+        t_a, t_b = t.float().chunk(2)
         loss = self.loss_fn(z_a, z_b, targets=(t_a, t_b))
         kappa = float(vmf_concentration(normalize(z_a.detach()), self.loss_fn.min_width))
         return loss, {"mveb/kappa": kappa, "mveb/momentum": self.momentum}
@@ -310,9 +336,11 @@ class ClassifierTask(Task):
             targets = mixup_targets(labels, self.num_classes, lam, self.loss_fn.smoothing)
         else:
             targets = labels
-        _, logits = model(x.to(device))
+        with self.autocast(device):
+            _, logits = model(self.inputs(x, device))
+        logits = logits.float()
         loss = self.loss_fn(logits, None, targets.to(device))
-        accuracy = float((logits.detach().argmax(1).cpu() == labels).double().mean())
+        accuracy = float((logits.detach().argmax(1) == labels.to(device)).double().mean())
         return loss, {"train/accuracy": accuracy}
 
     def task_metrics(self, net, train_store, test_store) -> dict[str, float]:
@@ -338,9 +366,10 @@ class BimodalTask(Task):
     views = 1
 
     def batch_loss(self, model, batch, device):
-        u = to_float(batch["views"][0].to(device, non_blocking=True))
-        z_u, z_v = model(u, batch["v"].to(device))
-        return self.loss_fn(z_u, z_v), {}
+        u = self.inputs(batch["views"][0], device)
+        with self.autocast(device):
+            z_u, z_v = model(u, batch["v"].to(device, non_blocking=True))
+        return self.loss_fn(z_u.float(), z_v.float()), {}
 
     def task_metrics(self, net, train_store, test_store) -> dict[str, float]:
         ids, size = np.arange(test_store.size), self.eval_rows(test_store)
@@ -378,8 +407,9 @@ TASKS: dict[str, type[Task]] = {"siamese": SiameseTask, "ema": EMATask, "classif
 
 
 def build_task(spec: dict[str, Any], loss_fn: ContrastiveLoss, options: Optional[dict[str, Any]] = None,
-               eval_cfg: Optional[dict[str, Any]] = None, augment: Optional[dict[str, Any]] = None) -> Task:
+               eval_cfg: Optional[dict[str, Any]] = None, augment: Optional[dict[str, Any]] = None,
+               precision: str = "fp32", channels_last: bool = False) -> Task:
     """The task of ``spec["kind"]``."""
     if spec["kind"] not in TASKS:
         raise ValueError(f"task kind must be one of {sorted(TASKS)}, got {spec['kind']!r}")
-    return TASKS[spec["kind"]](spec, loss_fn, options, eval_cfg, augment)
+    return TASKS[spec["kind"]](spec, loss_fn, options, eval_cfg, augment, precision, channels_last)

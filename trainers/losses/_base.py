@@ -74,6 +74,22 @@ def check_pair(z_a: torch.Tensor, z_b: torch.Tensor) -> None:
         )
 
 
+def _upcast(value: Any) -> Any:
+    """fp16/bf16 tensors (also inside tuples and lists) as fp32; anything else as it is."""
+    if torch.is_tensor(value):
+        return value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_upcast(v) for v in value)
+    return value
+
+
+def _tensors(args: tuple, kwargs: dict) -> Iterable[torch.Tensor]:
+    for value in (*args, *kwargs.values()):
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if torch.is_tensor(item):
+                yield item
+
+
 class ContrastiveLoss(nn.Module):
     """Base class of the registry losses.
 
@@ -117,6 +133,17 @@ class ContrastiveLoss(nn.Module):
                     f"(allowed: {sorted(allowed)})"
                 )
         return cls(**section)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """``forward`` in fp32 whatever the caller's precision: half-precision inputs (bf16/fp16
+        outputs of an autocast forward pass) are cast up and autocast is off inside, so the
+        log-sum-exps, the normalisations and the gathered similarity matrices never round to 8 bits
+        of mantissa."""
+        args = tuple(_upcast(a) for a in args)
+        kwargs = {k: _upcast(v) for k, v in kwargs.items()}
+        device = next((t.device.type for t in _tensors(args, kwargs)), "cpu")
+        with torch.autocast(device_type=device, enabled=False):
+            return super().__call__(*args, **kwargs)
 
     def hparams(self) -> dict[str, Any]:
         """Current hyper-parameters and flags (e.g. to log as MLflow params)."""
