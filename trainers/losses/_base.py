@@ -142,6 +142,8 @@ class ContrastiveLoss(nn.Module):
         args = tuple(_upcast(a) for a in args)
         kwargs = {k: _upcast(v) for k, v in kwargs.items()}
         device = next((t.device.type for t in _tensors(args, kwargs)), "cpu")
+        if not torch.amp.is_autocast_available(device):  # e.g. the meta device: nothing to turn off
+            return super().__call__(*args, **kwargs)
         with torch.autocast(device_type=device, enabled=False):
             return super().__call__(*args, **kwargs)
 
