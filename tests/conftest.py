@@ -84,3 +84,26 @@ def ray_local(ray_head):
     ray.init(address=ray_head.address, namespace="hardbatch-tests", log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+_NO_GPU: list[str] = []
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need a CUDA device: where none is visible they are deselected (not run,
+    not counted as passed) and the end of the run says so."""
+    if not any(item.get_closest_marker("gpu") for item in items):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    _NO_GPU.extend(item.nodeid for item in items if item.get_closest_marker("gpu"))
+    config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("gpu")])
+    items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _NO_GPU:
+        terminalreporter.write_line(f"{len(_NO_GPU)} GPU tests not run: no CUDA device here "
+                                    f"(bench/gpu_check.sh runs them on a GPU machine)")

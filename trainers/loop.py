@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from samplers.actor import SamplerClient
+from trainers.device import Stepper, mean_across_ranks, prepare_network
 from trainers.feed import Feed
 from trainers.losses import LOSSES
 from trainers.models import NETWORK_FILE, load_weights, save_network, save_weights
@@ -254,57 +255,6 @@ def _maybe_fail(rank: int, step: int) -> None:
         os._exit(1)
 
 
-def mean_across_ranks(value: float, device: torch.device) -> float:
-    """The mean of ``value`` over the ranks, reduced on ``device``: the worker's own device, since NCCL
-    takes CUDA tensors only and gloo CPU ones. ``value`` itself without a process group."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
-
-
-def prepare_network(task, train_cfg: dict[str, Any], prepare=None) -> torch.nn.Module:
-    """The task's fresh network, in NHWC layout when ``train.channels_last``, passed through ``prepare``
-    (Ray Train's ``prepare_model``: to the worker's device, DDP-wrapped), then ``torch.compile``d when
-    ``train.compile``. ``prepare`` defaults to moving nothing (tests, one process)."""
-    model = task.build()
-    if train_cfg.get("channels_last"):
-        model = model.to(memory_format=torch.channels_last)
-    if prepare is not None:
-        model = prepare(model)
-    if train_cfg.get("compile"):
-        model = torch.compile(model)
-    return model
-
-
-class Stepper:
-    """One optimiser step of a loss, in the run's precision: a plain backward and step in fp32 and bf16,
-    a gradient scaler for fp16 (whose small exponent range underflows unscaled gradients). The scaler's
-    state goes into checkpoints (``scaler.pt``) so a resumed fp16 run keeps its scale."""
-
-    FILE = "scaler.pt"
-
-    def __init__(self, optimizer: torch.optim.Optimizer, precision: str, device: torch.device):
-        self.optimizer = optimizer
-        self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")
-
-    def step(self, loss: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-
-    def save(self, directory: Path) -> None:
-        if self.scaler.is_enabled():
-            torch.save(self.scaler.state_dict(), Path(directory, self.FILE))
-
-    def load(self, directory: Path) -> None:
-        path = Path(directory, self.FILE)
-        if self.scaler.is_enabled() and path.exists():
-            self.scaler.load_state_dict(torch.load(path, weights_only=True))
-
-
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -431,6 +381,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             plans, filled = ray.get(sampler.plans_with_fill.remote(epoch * spe, (epoch + 1) * spe))
             metrics.update(task.evaluate(model, train_store, test_store, plans, final=epoch + 1 == epochs))
             metrics["sampler/filled_ids"] = int(filled.sum())  # ids the walk did not choose (uniform fill)
+            if device.type == "cuda":  # the peak so far, training and evaluation together
+                metrics["gpu/max_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
             if best is not None and best.offer(model, metrics, epoch, (epoch + 1) * spe):
                 metrics["checkpoint/best_epoch"] = epoch + 1
             tracker.log_metrics(metrics, step=(epoch + 1) * spe)

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from pipelines.config import ConfigError, check_model, load_config
 from pipelines.datasets import SampleStore
-from trainers.loop import Stepper, mean_across_ranks, prepare_network
+from trainers.device import Stepper, mean_across_ranks, prepare_network
 from trainers.losses import LOSSES
 from trainers.models import (
     Encoder,
