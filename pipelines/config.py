@@ -640,10 +640,20 @@ def local_gpus() -> int:
     return torch.cuda.device_count()
 
 
+def train_worker_gpus(config: Config) -> float:
+    """GPUs each Train worker asks for: none without ``train.use_gpu``; else 1, less one embedding
+    actor's share when ``refresh.num_gpus`` is a fraction, so that the actor runs on a training GPU
+    (a worker holding a whole GPU would leave it nothing, and the refresh would wait forever)."""
+    if not config.train.use_gpu:
+        return 0.0
+    share = config.refresh.num_gpus
+    return 1.0 - share if 0 < share < 1 else 1.0
+
+
 def gpu_demand(config: Config) -> float:
-    """GPUs one run holds: one per Train worker with ``train.use_gpu``, plus ``refresh.num_gpus``
+    """GPUs one run holds: :func:`train_worker_gpus` per Train worker, plus ``refresh.num_gpus``
     per embedding actor."""
-    return config.train.num_workers * config.train.use_gpu + config.refresh.pool_size * config.refresh.num_gpus
+    return config.train.num_workers * train_worker_gpus(config) + config.refresh.pool_size * config.refresh.num_gpus
 
 
 def check_gpus(config: Config, gpus: float, where: str = "a local Ray will have",
@@ -652,7 +662,8 @@ def check_gpus(config: Config, gpus: float, where: str = "a local Ray will have"
     them forever."""
     wanted = gpu_demand(config)
     if wanted > gpus:
-        asked = [f"train.use_gpu = true ({config.train.num_workers} workers x 1)"] if config.train.use_gpu else []
+        asked = ([f"train.use_gpu = true ({config.train.num_workers} workers x {train_worker_gpus(config):g})"]
+                 if config.train.use_gpu else [])
         if config.refresh.num_gpus:
             asked.append(f"refresh.num_gpus = {config.refresh.num_gpus:g} x {config.refresh.pool_size} actors")
         raise ConfigError(f"{' and '.join(asked)}: {wanted:g} GPUs wanted, {where} {gpus:g} ({fix})")

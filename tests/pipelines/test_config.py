@@ -190,12 +190,22 @@ def test_a_bad_tracking_uri_in_the_environment_is_refused(monkeypatch):
 
 
 def test_gpu_requests_are_checked_against_the_gpus_ray_will_have():
-    from pipelines.config import check_gpus
+    from pipelines.config import check_gpus, train_worker_gpus
 
     config = Config.model_validate({"train": {"use_gpu": True, "num_workers": 2}, "refresh": {"num_gpus": 0.25}})
-    check_gpus(config, 2.25)  # fits exactly
-    with pytest.raises(ConfigError, match=r"2.25 GPUs wanted, a local Ray will have 2"):
-        check_gpus(config, 2)
+    # a fractional embedding actor shares a training GPU: each worker asks for 0.75
+    assert train_worker_gpus(config) == 0.75
+    check_gpus(config, 1.75)  # fits exactly
+    with pytest.raises(ConfigError, match=r"workers x 0.75\) and refresh.num_gpus = 0.25 x 1 actors: 1.75 GPUs "
+                                          r"wanted, a local Ray will have 1.5"):
+        check_gpus(config, 1.5)
+    one = Config.model_validate({"train": {"use_gpu": True, "num_workers": 1}, "refresh": {"num_gpus": 0.25}})
+    check_gpus(one, 1)  # one GPU trains and embeds
+    whole = Config.model_validate({"train": {"use_gpu": True, "num_workers": 1}, "refresh": {"num_gpus": 1}})
+    assert train_worker_gpus(whole) == 1.0
+    with pytest.raises(ConfigError, match="2 GPUs wanted"):
+        check_gpus(whole, 1)  # a whole GPU for the embedding pool is a GPU of its own
+    assert train_worker_gpus(Config.model_validate({"refresh": {"num_gpus": 0.5}})) == 0.0
 
 
 @pytest.mark.parametrize("text, pattern", [
