@@ -193,3 +193,23 @@ def test_unwrap_strips_compile_and_ddp_wrappers_before_saving(tmp_path):
     for (k, a), (_, b) in zip(net.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), k
 
+
+
+def test_compiled_network_trains_the_same_steps_as_eager():
+    """``train.compile``: torch.compile (inductor, C++ on the CPU) gives the losses of the eager network."""
+    store = _digits_store(96)
+    spec = network_spec("siamese", {"width": 4, "embed_dim": 8, "proj_hidden": 16, "proj_dim": 8}, store.sample_shape)
+    task = build_task(spec, LOSSES["infonce"]())
+    losses = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = prepare_network(task, {"compile": compiled})
+        assert hasattr(model, "_orig_mod") == compiled
+        stepper = Stepper(torch.optim.AdamW(model.parameters(), lr=1e-2), "fp32", torch.device("cpu"))
+        losses[compiled] = []
+        for step in range(3):
+            torch.manual_seed(100 + step)  # the same views both times
+            loss, _ = task.step_loss(model, store, np.arange(32 * step, 32 * step + 32), torch.device("cpu"))
+            stepper.step(loss)
+            losses[compiled].append(loss.item())
+    assert np.allclose(losses[True], losses[False], rtol=1e-3, atol=1e-4), losses
