@@ -147,9 +147,17 @@ def decode_batch(raws: list, codec: dict[str, Any]) -> tuple[torch.Tensor, list[
 # batches
 
 
-def batch_seed(seed: int, rank: int, step: int) -> int:
-    """The seed of the views of one batch: a pure function of ``(train.seed, rank, step)``."""
-    return int(np.random.SeedSequence([seed, rank, step, 0x5EED]).generate_state(1, dtype=np.uint64)[0] >> 1)
+def batch_seed(seed: int, rank: int, step: int, salt: int = 0x5EED) -> int:
+    """The seed of the views of one batch: a pure function of ``(train.seed, rank, step)``; another
+    ``salt`` gives another stream of the same step (:func:`step_seed`)."""
+    return int(np.random.SeedSequence([seed, rank, step, salt]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of torch's global generator for one training step (mixup weights, SSCL's synthetic
+    negatives): a pure function of ``(train.seed, rank, step)``, so a resumed run replays a step's
+    draws exactly as the uninterrupted run made them, with no generator state to checkpoint."""
+    return batch_seed(seed, rank, step, salt=0x57E9)
 
 
 @dataclass

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from samplers.actor import SamplerClient
 from trainers.device import Stepper, mean_across_ranks, prepare_network
-from trainers.feed import Feed
+from trainers.feed import Feed, step_seed
 from trainers.losses import LOSSES
 from trainers.models import NETWORK_FILE, load_weights, save_network, save_weights
 from trainers.progress import ProgressPoster, quiet_logging
@@ -292,7 +292,6 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             stepper.load(Path(ckpt_dir))
             task.load_state(Path(ckpt_dir))
             start_epoch = json.loads(Path(ckpt_dir, META_FILE).read_text())["epoch"] + 1
-    torch.manual_seed(train_cfg["seed"] * 7919 + rank * 104729 + start_epoch)  # augmentation stream
 
     sampler = ray.get_actor(cfg["sampler_name"])
     if checkpoint is not None:
@@ -337,6 +336,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             batch, version = feed.next(step, horizon, end=epochs * spe)
             window_wait += time.perf_counter() - t_wait
 
+            torch.manual_seed(step_seed(train_cfg["seed"], rank, step))  # this step's draws, replayable
             lr = lr_at(epoch + local_step / spe, train_cfg["lr"], train_cfg["warmup_epochs"], epochs)
             for group in optimizer.param_groups:
                 group["lr"] = lr
