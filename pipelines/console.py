@@ -120,7 +120,6 @@ class Console:
         self.first_step = 0  # a resumed run starts counting its speed here
         self._epoch_windows: list[dict[str, Any]] = []
         self._drawn = False  # a live bar is on the current line
-        self._deferred = 0  # deferred refreshes already reported
         self._failed = False  # a worker failure was reported
 
     # -- events ------------------------------------------------------------------------------------
@@ -156,10 +155,6 @@ class Console:
             text += f"active from step {event['activate_step']}"
         if event.get("stall_seconds") is not None:
             text += f" (training stalled {event['stall_seconds']:.2f} s)"
-        if event.get("deferred", 0) > self._deferred:
-            text += (f"; {event['deferred'] - self._deferred} refresh(es) deferred meanwhile "
-                     f"(a refresh took longer than its period)")
-            self._deferred = event["deferred"]
         self._line(text)
 
     def _on_start(self, event: dict[str, Any]) -> None:

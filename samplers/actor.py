@@ -2,13 +2,15 @@
 
 The :class:`~samplers.plans.BatchPlanner` is a pure function of (seed, step, active graph version).
 The actor wraps one planner, serves each rank its row of the global plan, and owns the history of
-graph versions (which version becomes active at which step). That history is written to a small JSON
-file on every change, next to the persisted graph files, so an actor that is killed and restarted
-(``max_restarts=-1``) re-reads it and serves exactly the plans the old one would have served.
+graph versions: which version, snapshotted at which step, becomes active at which step, made by which
+attempt of the run. That history is written to a small JSON file on every change, next to the
+persisted graph files, so an actor that is killed and restarted (``max_restarts=-1``) re-reads it and
+serves exactly the plans the old one would have served.
 
-Activation rule: a version swapped in with an explicit ``activate_step`` takes effect there (sync
-refresh at an epoch boundary); otherwise it takes effect at the first step no rank has been served yet
-(async refresh), and never before ``not_before``. All ranks therefore see the same version at a step.
+It carries out the refresh protocol of :mod:`samplers.protocol`: a version comes with its activation
+step, fixed in advance; a version from an attempt older than the current one is refused; a rewind
+(a restart from a checkpoint) keeps the versions snapshotted at or before the checkpoint's step and
+starts a new attempt.
 """
 
 from __future__ import annotations
@@ -37,14 +39,16 @@ class _SamplerCore:
         self.state_path = Path(state_path) if state_path else None
         self.versions: list[dict[str, Any]] = []
         self.max_served = -1
+        self.attempt = 0  # see samplers.protocol: a restart starts a new attempt
         self._cache: OrderedDict[int, tuple[np.ndarray, int]] = OrderedDict()  # step -> (plan, filled)
         self._cache_steps = cache_steps
         self._lock = threading.Lock()
         if self.state_path and self.state_path.exists():
             saved = json.loads(self.state_path.read_text())
             for entry in saved["versions"]:
-                self._activate(entry["path"], entry["version"], entry["activate_step"], persist=False)
+                self._activate(entry, persist=False)
             self.max_served = int(saved.get("max_served", -1))
+            self.attempt = int(saved.get("attempt", 0))
 
     # -- serving ---------------------------------------------------------------------------------
     def plan(self, step: int) -> np.ndarray:
@@ -84,41 +88,56 @@ class _SamplerCore:
         return active[-1] if active else -1
 
     # -- graph versions --------------------------------------------------------------------------
-    def swap_graph(self, graph_path: str, version: int, activate_step: Optional[int] = None,
-                   not_before: int = 0) -> int:
-        """Make a persisted graph version active; returns the step from which it is used."""
+    def next_version(self) -> int:
+        """The number of the next version: one past the newest kept (so a replay after a restart numbers
+        its versions as the run that never crashed did)."""
+        return max((v["version"] for v in self.versions), default=-1) + 1
+
+    def swap_graph(self, graph_path: str, version: int, activate_step: int, snapshot_step: Optional[int] = None,
+                   attempt: Optional[int] = None) -> Optional[int]:
+        """Add a persisted graph version, active from ``activate_step``; returns that step, or ``None``
+        when the version comes from an attempt older than the current one (refused: see
+        :mod:`samplers.protocol`). ``attempt=None`` (graph version 0, built by the driver) is always
+        taken. ``snapshot_step``: the step of the weights it was built from (default: ``activate_step``).
+        """
         with self._lock:
-            if activate_step is None:
-                activate_step = max(self.max_served + 1, not_before)
-            elif activate_step <= self.max_served:
+            if attempt is not None and int(attempt) != self.attempt:
+                return None
+            if activate_step <= self.max_served:
                 raise ValueError(
                     f"cannot activate graph version {version} at step {activate_step}: plans up to step "
                     f"{self.max_served} were already served with the previous version")
             if self.versions and activate_step < self.versions[-1]["activate_step"]:
                 raise ValueError(f"activate_step {activate_step} precedes the newest version's "
                                  f"{self.versions[-1]['activate_step']}")
-            self._activate(graph_path, version, activate_step, persist=True)
+            snapshot = activate_step if snapshot_step is None else snapshot_step
+            self._activate({"version": int(version), "activate_step": int(activate_step), "path": str(graph_path),
+                            "snapshot_step": int(snapshot), "attempt": self.attempt}, persist=True)
             for step in [s for s in self._cache if s >= activate_step]:
                 del self._cache[step]
             return activate_step
 
     def rewind(self, step: int) -> dict[str, Any]:
-        """Forget versions activated after ``step`` and what was served from ``step`` on.
+        """Training resumes from a checkpoint taken at ``step``: keep the versions snapshotted at or
+        before it (a replay from there reproduces their weights), forget the others and what was served
+        from ``step`` on, and start a new attempt (refreshes still running from the old one are refused).
 
-        Called when training resumes from a checkpoint taken at ``step``: the replayed steps then get
-        exactly the plans a run that never crashed would have had from that checkpoint. Dropped
-        versions stay on disk (they are immutable artifacts); new ones get new numbers.
+        Returns:
+            ``{"attempt": new attempt, "kept": [entries], "dropped": [entries]}``; the caller deletes the
+            dropped versions' files (their numbers are given again to the replay's versions).
         """
         with self._lock:
-            kept = [v for v in self.versions if v["activate_step"] <= step]
+            kept = [v for v in self.versions if v.get("snapshot_step", v["activate_step"]) <= step]
+            dropped = [v for v in self.versions if v not in kept]
             self.planner = BatchPlanner(**self.planner_kwargs)
             self.versions = []
             self._cache.clear()
             for entry in kept:
-                self._activate(entry["path"], entry["version"], entry["activate_step"], persist=False)
+                self._activate(entry, persist=False)
             self.max_served = step - 1
+            self.attempt += 1
             self._persist()
-            return self.state()
+            return {"attempt": self.attempt, "kept": list(self.versions), "dropped": dropped}
 
     def prune(self, floor_step: int) -> list[dict[str, Any]]:
         """Forget the versions that no step >= ``floor_step`` uses (the newest always stays); returns
@@ -139,11 +158,10 @@ class _SamplerCore:
                 self._persist()
             return dropped
 
-    def _activate(self, graph_path: str, version: int, activate_step: int, persist: bool) -> None:
-        graph = ProximityGraph.load(graph_path)
-        self.planner.set_graph(graph.neighbors, version=version, activate_step=activate_step)
-        self.versions.append({"version": int(version), "activate_step": int(activate_step),
-                              "path": str(graph_path)})
+    def _activate(self, entry: dict[str, Any], persist: bool) -> None:
+        graph = ProximityGraph.load(entry["path"])
+        self.planner.set_graph(graph.neighbors, version=entry["version"], activate_step=entry["activate_step"])
+        self.versions.append(dict(entry))
         if persist:
             self._persist()
 
@@ -157,7 +175,7 @@ class _SamplerCore:
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint stores: the version history and the serving position."""
-        return {"versions": list(self.versions), "max_served": int(self.max_served)}
+        return {"versions": list(self.versions), "max_served": int(self.max_served), "attempt": self.attempt}
 
     def info(self) -> dict[str, Any]:
         return {**self.state(), "steps_per_epoch": self.planner.steps_per_epoch,

@@ -6,7 +6,8 @@ epoch (``ray.train.report`` is a barrier), each on its own row of the global bat
 sampler actor.
 
 Numbered comments mark the Ray steps: (1) prepare, (2) resume, (3) feed, (4) report and checkpoint,
-(5) refresh the graph (at step boundaries; see :class:`_RefreshCaller`).
+(5) refresh the graph (at snapshot and activation steps fixed in advance: :mod:`samplers.protocol`,
+:class:`_RefreshCaller`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from samplers.actor import SamplerClient
+from samplers.protocol import RefreshSchedule
 from trainers.device import Stepper, mean_across_ranks, prepare_network
 from trainers.feed import Feed, step_seed
 from trainers.losses import LOSSES
@@ -53,89 +55,72 @@ def lr_at(progress_epochs: float, base_lr: float, warmup_epochs: float, total_ep
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * done))
 
 
-def refresh_due(epoch: int, every_epochs: int, total_epochs: int) -> bool:
-    """Whether a graph refresh follows ``epoch`` (never after the last one)."""
-    return every_epochs > 0 and (epoch + 1) % every_epochs == 0 and epoch + 1 < total_epochs
-
-
-def refresh_boundaries(every_epochs: int, every_steps: int, steps_per_epoch: int, epochs: int) -> list[int]:
-    """Global steps at which a new graph is requested: after ``every_steps`` steps when set, else
-    after every ``every_epochs`` epochs; never at the very end of training."""
-    total = steps_per_epoch * epochs
-    if every_steps > 0:
-        return list(range(every_steps, total, every_steps))
-    return [(e + 1) * steps_per_epoch for e in range(epochs) if refresh_due(e, every_epochs, epochs)]
-
-
 class _RefreshCaller:
-    """Rank 0's side of the graph refresh: snapshot the weights, call the refresher, track the stall.
+    """Rank 0's side of the refresh protocol (:mod:`samplers.protocol`): at a snapshot step, save the
+    weights and ask the refresher for a version active from the step the schedule fixes; at an
+    activation step, wait for that version; after other steps, collect a refresh that landed.
 
-    ``sync``: block until the new version is active at the boundary step (the paper's protocol).
-    ``async``: fire the refresh and keep training; the sampler activates the version at the first
-    step not yet served. When the next boundary comes while a refresh is still running (a refresh
-    slower than the refresh period), the new refresh is *deferred*, not waited for: it starts at the
-    first step after the running one lands, from the weights of that step (``refresh/deferred``
-    counts them). So async mode never blocks on a refresh; its only stall is saving the weights.
+    At most one refresh is in flight: one still running at the next snapshot step is waited for
+    first (only when ``refresh.lag_steps`` exceeds the period). ``sync`` mode is the special case
+    lag 0: the trainer waits for the whole refresh at its snapshot step (the paper's protocol).
 
     ``refresh/stall_seconds``, logged once per refresh when its result is collected, is the time the
     trainer spent on that refresh instead of training: saving its weight snapshot plus every second
     blocked waiting for it. The wait for a refresh still in flight when training ends is logged as
-    ``refresh/teardown_wait_seconds`` instead (no training is left to stall).
+    ``refresh/teardown_wait_seconds`` instead (no training is left to stall). A version refused as
+    stale (started by an earlier attempt of the run) counts in ``refresh/discarded``.
     """
 
-    def __init__(self, refresher, store, mode: str, snapshot_root: str, tracker: RunTracker,
+    def __init__(self, refresher, store, schedule: RefreshSchedule, snapshot_root: str, tracker: RunTracker,
                  poster: Optional[ProgressPoster] = None):
         self.refresher = refresher
         self.store = store  # the training split, sent with every refresh
         self.poster = poster or ProgressPoster(None)
-        self.mode = mode
+        self.schedule = schedule
         self.snapshot_root = Path(snapshot_root)
         self.tracker = tracker
+        self.attempt: Optional[int] = None  # the run's attempt (the sampler's, after its rewind)
         self.pending: Optional[ray.ObjectRef] = None
         self.pending_overhead = 0.0  # seconds the pending refresh already cost the trainer
         self.pending_snapshot: Optional[Path] = None  # its weights, deleted once it has landed
         self.pending_since = 0  # the first step whose plans it may ask for (scope: seen)
+        self.pending_boundary = 0
         self.last_boundary = 0
-        self.deferred = False  # async: a refresh is due but waits for the running one to land
-        self.deferred_count = 0
+        self.discarded = 0
 
-    def due(self, model: torch.nn.Module, boundary: int) -> None:
-        """A refresh boundary was reached after step ``boundary - 1``."""
-        if self.mode == "async" and self.pending is not None and not ray.wait([self.pending], timeout=0)[0]:
-            self.deferred = True
-            self.deferred_count += 1
-            self.tracker.log_metrics({"refresh/deferred": self.deferred_count}, step=boundary)
-            return
-        self.trigger(model, boundary)
+    def snapshot_dir(self, boundary: int) -> Path:
+        return self.snapshot_root / f"step_{boundary:07d}"
 
-    def poll(self, model: torch.nn.Module, step: int) -> None:
-        """After every step (async): collect a refresh that landed; start a deferred one."""
-        self.finish(block=False, step=step)
-        if self.deferred and self.pending is None:
-            self.deferred = False
-            self.trigger(model, step)
-
-    def trigger(self, model: torch.nn.Module, boundary: int) -> None:
+    def trigger(self, source, boundary: int) -> None:
+        """Start the refresh snapshotted at ``boundary`` from ``source``: the model (its weights are saved
+        first), or a directory already holding them (a snapshot that survived a crash)."""
         self.finish(block=True, step=boundary)  # at most one refresh in flight
         t0 = time.perf_counter()
-        snapshot = self.snapshot_root / f"step_{boundary:07d}"
-        snapshot.mkdir(parents=True, exist_ok=True)
-        save_weights(model, snapshot / MODEL_FILE)
-        activate = boundary if self.mode == "sync" else None
-        self.pending = self.refresher.refresh.remote(self.store, str(snapshot), activate, boundary,
-                                                     self.last_boundary)
-        self.pending_snapshot, self.pending_since = snapshot, self.last_boundary
+        if isinstance(source, (str, Path)):
+            snapshot = Path(source)
+        else:
+            snapshot = self.snapshot_dir(boundary)
+            snapshot.mkdir(parents=True, exist_ok=True)
+            save_weights(source, snapshot / MODEL_FILE)
+        since = self.schedule.last_boundary(boundary - 1)  # scope: seen re-embeds the plans since then
+        self.pending = self.refresher.refresh.remote(self.store, str(snapshot), self.schedule.activation(boundary),
+                                                     boundary, since, self.attempt)
+        self.pending_snapshot, self.pending_since, self.pending_boundary = snapshot, since, boundary
         self.pending_overhead = time.perf_counter() - t0
         self.last_boundary = boundary
-        if self.mode == "sync":
+        if self.schedule.mode == "sync":
             self.finish(block=True, step=boundary)
+
+    def poll(self, step: int) -> None:
+        """After a step: collect a refresh that landed (its metrics and console line), without waiting."""
+        self.finish(block=False, step=step)
 
     def finish(self, block: bool, step: int, teardown: bool = False, timeout_s: Optional[float] = None) -> float:
         """Collect and log a finished refresh, waiting for it when ``block`` (at most ``timeout_s``).
 
         A refresh not done after ``timeout_s`` (at the end of training: one that never got its
-        resources, or a slow one whose graph no step would use) is abandoned with a warning and
-        ``refresh/abandoned``; the run's end then stops its actors.
+        resources) is abandoned with a warning and ``refresh/abandoned``; the run's end then stops its
+        actors.
 
         Returns:
             The seconds the trainer lost to that refresh (0.0 when none was collected).
@@ -146,9 +131,9 @@ class _RefreshCaller:
         if not block and not ray.wait([self.pending], timeout=0)[0]:
             return 0.0
         if timeout_s is not None and not ray.wait([self.pending], timeout=timeout_s)[0]:
-            message = (f"the graph refresh started at step {self.last_boundary} was still running {timeout_s:g} s after "
-                       f"training ended (refresh.final_wait_s); abandoned: it has no resources or is slow, and its "
-                       f"graph would only have been kept on disk")
+            message = (f"the graph refresh started at step {self.pending_boundary} was still running {timeout_s:g} s "
+                       f"after training ended (refresh.final_wait_s); abandoned: it has no resources or is slow, and "
+                       f"its graph would only have been kept on disk")
             self.poster.post("warning", message=message)
             self.tracker.log_metrics({"refresh/abandoned": 1}, step=step)
             self._drop_pending()
@@ -156,6 +141,10 @@ class _RefreshCaller:
         info = ray.get(self.pending)
         waited = time.perf_counter() - t0
         self._drop_pending()  # the graph is built: nothing needs its weight snapshot any more
+        if info.get("discarded"):  # started by an earlier attempt (only after a restart)
+            self.discarded += 1
+            self.tracker.log_metrics({"refresh/discarded": self.discarded}, step=step)
+            return 0.0
         metrics = _refresh_metrics(info)
         if teardown:
             metrics.update({"refresh/stall_seconds": self.pending_overhead,
@@ -165,8 +154,7 @@ class _RefreshCaller:
         self.tracker.log_metrics(metrics, step=step)
         self.poster.post("refresh", version=info["version"], activate_step=info["activate_step"],
                          embed_seconds=info["embed_seconds"], graph_seconds=info["graph_seconds"],
-                         stall_seconds=None if teardown else metrics["refresh/stall_seconds"],
-                         deferred=self.deferred_count)
+                         stall_seconds=None if teardown else metrics["refresh/stall_seconds"])
         if info.get("manifest"):
             self.tracker.log_artifact(info["manifest"], "graphs")
         return metrics["refresh/stall_seconds"]
@@ -179,8 +167,26 @@ class _RefreshCaller:
 
     def plan_floor(self) -> int:
         """The first step whose plans a refresh may still ask for (``scope: seen`` re-embeds the ids
-        of the plans since the previous boundary): the pending refresh's, else the next one's."""
+        of the plans since the previous snapshot step): the pending refresh's, else the next one's."""
         return self.pending_since if self.pending is not None else self.last_boundary
+
+    def restart(self, model: torch.nn.Module, resume_step: int, kept: list[dict[str, Any]]) -> None:
+        """After a (re)start at ``resume_step``: start again each refresh the schedule still needs whose
+        version did not land before (:meth:`RefreshSchedule.to_restart`), from its surviving weight
+        snapshot, else from the checkpoint's weights when it was snapshotted at ``resume_step``."""
+        self.last_boundary = self.schedule.last_boundary(resume_step)
+        landed = {int(v.get("snapshot_step", v["activate_step"])) for v in kept}
+        for boundary in self.schedule.to_restart(resume_step, landed):
+            saved = self.snapshot_dir(boundary)
+            if (saved / MODEL_FILE).exists():
+                self.trigger(saved, boundary)
+                continue
+            if boundary != resume_step:
+                self.poster.post("warning", message=(
+                    f"the weights of step {boundary} (graph refresh snapshot) are gone; its graph is rebuilt from "
+                    f"the checkpoint of step {resume_step}, so from step {self.schedule.activation(boundary)} on "
+                    f"batches may differ from an uninterrupted run's"))
+            self.trigger(model, boundary)
 
 
 # The metric a run's best encoder is chosen by: the first of these the task reports (higher is better).
@@ -215,18 +221,24 @@ class BestEncoder:
         return True
 
 
-def prune_graph_versions(sampler, floor: int) -> list[str]:
-    """Forget, in the sampler actor, the graph versions no step >= ``floor`` uses and delete their
-    tables and embeddings (their JSON manifests stay: they are small and logged to MLflow); returns
+def _delete_version_files(entries: list[dict[str, Any]]) -> list[str]:
+    """Delete the graph tables and embeddings of these version entries (``path``: the table); returns
     the deleted files."""
     deleted = []
-    for entry in ray.get(sampler.prune.remote(floor)):
+    for entry in entries:
         graph = Path(entry["path"])
         for path in (graph, graph.with_name(graph.stem + "_embeddings.npy")):
             if path.exists():
                 path.unlink()
                 deleted.append(str(path))
     return deleted
+
+
+def prune_graph_versions(sampler, floor: int) -> list[str]:
+    """Forget, in the sampler actor, the graph versions no step >= ``floor`` uses and delete their
+    tables and embeddings (their JSON manifests stay: they are small and logged to MLflow); returns
+    the deleted files."""
+    return _delete_version_files(ray.get(sampler.prune.remote(floor)))
 
 
 def retention_floor(epoch: int, steps_per_epoch: int, keep: Optional[int], refresh_floor: Optional[int]) -> int:
@@ -294,12 +306,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             start_epoch = json.loads(Path(ckpt_dir, META_FILE).read_text())["epoch"] + 1
 
     sampler = ray.get_actor(cfg["sampler_name"])
-    if checkpoint is not None:
-        if rank == 0:  # replay from the checkpoint with the graph versions that were active then
-            ray.get(sampler.rewind.remote(start_epoch * spe))
-        _barrier()
     if cfg.get("graph_v0") is not None:
         ray.get(cfg["graph_v0"])  # graph version 0 is built while the workers start; plans need it
+    rewound = None
+    if rank == 0:  # every (re)start is a new attempt: replay from its step with the versions made before it
+        rewound = ray.get(sampler.rewind.remote(start_epoch * spe))
+        _delete_version_files(rewound["dropped"])
+    _barrier()
     client = SamplerClient(sampler, rank, prefetch=sampler_cfg["prefetch"])
     # (3) feed: decode + augment of the next batches in parallel processes, ahead of the step; a
     # replaced corrupt sample is a warning on the driver's console, whichever rank met it.
@@ -311,14 +324,17 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     tracker = RunTracker(cfg["tracking_uri"], cfg["run_id"], cfg["metrics_path"], enabled=rank == 0)
     poster = ProgressPoster(cfg.get("progress_name"), enabled=rank == 0)
     poster.post("start", epoch=start_epoch)  # every (re)start of the worker group
-    boundaries = set(refresh_boundaries(refresh_cfg["every_epochs"], refresh_cfg["every_steps"], spe, epochs))
+    # (5) the refresh protocol (samplers.protocol): snapshot and activation steps fixed in advance
+    schedule = RefreshSchedule(spe, epochs, refresh_cfg["every_epochs"], refresh_cfg["every_steps"],
+                               refresh_cfg["mode"], refresh_cfg.get("lag_steps"))
     if refresher is None:
-        boundaries = set()
-    caller = (_RefreshCaller(refresher, train_store, refresh_cfg["mode"], cfg["snapshot_root"], tracker, poster)
-              if rank == 0 else None)
-    if caller is not None:  # after a restart: the boundary an uninterrupted run's next refresh starts from
-        caller.last_boundary = max([b for b in boundaries if b <= start_epoch * spe], default=0)
-    sync = refresh_cfg["mode"] == "sync"
+        schedule = RefreshSchedule(spe, epochs)  # no refresh
+    boundaries, activations = set(schedule.boundaries()), set(schedule.activations())
+    caller = (_RefreshCaller(refresher, train_store, schedule, cfg["snapshot_root"], tracker, poster)
+              if rank == 0 and refresher is not None else None)
+    if caller is not None:
+        caller.attempt = rewound["attempt"]
+        caller.restart(model, start_epoch * spe, rewound["kept"])
     best = BestEncoder(cfg["best_dir"], cfg["network"]) if rank == 0 and cfg.get("best_dir") else None
     keep = cfg.get("checkpoint_keep")
 
@@ -331,8 +347,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             _maybe_fail(rank, step)
             # (3) feed: this rank's row of the global plan; the task fetches its columns and views.
             t_wait = time.perf_counter()
-            # in sync mode nobody asks for plans past a refresh boundary before the new graph is active
-            horizon = min((b for b in boundaries if b > step), default=None) if sync else None
+            # nobody asks for plans past an activation step before its graph version is in
+            horizon = schedule.horizon(step)
             batch, version = feed.next(step, horizon, end=epochs * spe)
             window_wait += time.perf_counter() - t_wait
 
@@ -365,15 +381,17 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 window_start, window_steps, window_loss, window_wait = time.perf_counter(), 0, 0.0, 0.0
                 window_extras = {}
 
-            # (5) refresh: rank 0 snapshots the weights and asks the refresher for a new graph version.
-            if step + 1 in boundaries:
+            # (5) refresh: rank 0 snapshots the weights and asks the refresher for a new graph version,
+            # active from the step the schedule fixed; there, every rank waits until it is in.
+            if caller is not None and step + 1 in boundaries:
+                caller.trigger(model, step + 1)
+            if step + 1 in activations:
                 if caller is not None:
-                    caller.due(model, step + 1)
-                if sync:
-                    _barrier()  # every rank waits for the new version before its next plan
-                    client.reset()
-            elif caller is not None and not sync and step + 1 < epochs * spe:
-                caller.poll(model, step + 1)
+                    caller.finish(block=True, step=step + 1)  # a late refresh: the wait is logged as stall
+                _barrier()
+                client.reset()
+            elif caller is not None and step + 1 < epochs * spe:
+                caller.poll(step + 1)
 
         # (4) evaluate on rank 0, then report; every rank reports (a barrier), rank 0 attaches the checkpoint.
         metrics = {"epoch": epoch}

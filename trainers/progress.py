@@ -14,7 +14,7 @@ An event is a plain dict with a ``kind`` and its fields:
              active graph version, -1 for none)
 ``epoch``    an epoch ended: ``epoch`` (0-based), ``step``, ``metrics`` (the evaluation)
 ``refresh``  a graph version landed: ``version``, ``activate_step``, ``embed_seconds``,
-             ``graph_seconds``, ``stall_seconds``, ``deferred`` (async refreshes put off so far)
+             ``graph_seconds``, ``stall_seconds``
 ``start``    the worker group (re)started: ``epoch``, the first epoch it trains (> 0: resumed from
              the checkpoint of the epoch before)
 ``failure``  workers failed (posted by the Train controller's callback): ``errors``, rank ->

@@ -131,11 +131,11 @@ def test_sampler_actor_rows_and_restart_replay(ray_env, tmp_path):
         assert len(np.intersect1d(row0, row1)) == 0  # ranks train on disjoint rows
         np.testing.assert_array_equal(np.concatenate([row0, row1]), ray_env.get(actor.plan.remote(step)).ravel())
         before[step] = (row0, row1)
-    # async swap: activates at the first step nobody has been served yet (prefetch included)
+    # a version comes with its activation step (samplers.protocol); one for a step already served is refused
     served = ray_env.get(actor.state.remote())["max_served"]
     assert served >= 5
-    activate = ray_env.get(actor.swap_graph.remote(v1, 1, None, 0))
-    assert activate == served + 1
+    activate = served + 3
+    assert ray_env.get(actor.swap_graph.remote(v1, 1, activate, served - 1, 0)) == activate
     with pytest.raises(Exception, match="already served"):
         ray_env.get(actor.swap_graph.remote(v1, 2, 3))
     expected = {step: ray_env.get(actor.plan.remote(step)) for step in range(activate + 4)}
@@ -160,7 +160,9 @@ def test_sampler_actor_rows_and_restart_replay(ray_env, tmp_path):
 
 def test_refresher_builds_persists_swaps_and_re_embeds_only_seen_rows(ray_env, tmp_path):
     """Two refreshes with ``scope: seen``: version 0 embeds every row and activates at step 0; version 1,
-    held back to step 10 by ``not_before``, re-embeds exactly the rows of the plans served since."""
+    snapshotted at step 10 and active from step 12, re-embeds exactly the rows of the plans of steps 0..9.
+    Then the run restarts (a rewind starts attempt 1): a refresh the old attempt started is refused and its
+    files deleted; a rewind to before version 1's snapshot drops it, and its number is given again."""
     x = np.random.default_rng(5).random((400, 1, 8, 8)).astype(np.float32)
     store = SampleStore.from_arrays(x=x)
     kwargs = dict(num_nodes=400, global_batch=32, world_size=2, seed=0, strategy="rwr", restart_prob=0.2)
@@ -176,9 +178,9 @@ def test_refresher_builds_persists_swaps_and_re_embeds_only_seen_rows(ray_env, t
     assert (first["version"], first["activate_step"]) == (0, 0)
     assert first["scope"] == "full" and first["embedded_rows"] == 400  # nothing to keep yet
     seen = np.unique(ray_env.get(actor.plans.remote(0, 10)))  # the plans of steps 0..9
-    second = ray_env.get(refresher.refresh.remote(store, str(tmp_path / "b"), None, 10, 0))
-    assert second["version"] == 1 and second["activate_step"] == 10  # not_before holds it back
-    assert ray_env.get(actor.version_at.remote(9)) == 0 and ray_env.get(actor.version_at.remote(10)) == 1
+    second = ray_env.get(refresher.refresh.remote(store, str(tmp_path / "b"), 12, 10, 0, 0))
+    assert second["version"] == 1 and second["activate_step"] == 12 and not second.get("discarded")
+    assert ray_env.get(actor.version_at.remote(11)) == 0 and ray_env.get(actor.version_at.remote(12)) == 1
     assert (tmp_path / "graphs" / "v0001.npz").exists() and (tmp_path / "graphs" / "v0001.json").exists()
     assert second["scope"] == "seen" and second["embedded_rows"] == len(seen) < 400
     old = np.load(tmp_path / "graphs" / "v0000_embeddings.npy")
@@ -188,6 +190,16 @@ def test_refresher_builds_persists_swaps_and_re_embeds_only_seen_rows(ray_env, t
     np.testing.assert_array_equal(changed, seen)  # exactly the rows seen since the last refresh
     assert 0.0 <= second["neighbour_overlap"] < 1.0  # other weights, other neighbours
     assert -1.0 <= second["drift"] < 0.999
+
+    rewound = ray_env.get(actor.rewind.remote(10))  # a restart from step 10: v1 (snapshot 10) stays
+    assert rewound["attempt"] == 1 and [v["version"] for v in rewound["kept"]] == [0, 1] and not rewound["dropped"]
+    stale = ray_env.get(refresher.refresh.remote(store, str(tmp_path / "a"), 24, 20, 10, 0))  # from attempt 0
+    assert stale["discarded"] and stale["version"] == 2 and "manifest" not in stale
+    assert not list((tmp_path / "graphs").glob("v0002*"))  # nothing of it stays
+    assert ray_env.get(actor.version_at.remote(10**6)) == 1
+    rewound = ray_env.get(actor.rewind.remote(5))  # a restart before v1's snapshot: v1 goes
+    assert [v["version"] for v in rewound["dropped"]] == [1] and rewound["attempt"] == 2
+    assert ray_env.get(actor.next_version.remote()) == 1  # the replay numbers its versions as the first run did
     ray_env.kill(refresher, no_restart=True)
     ray_env.kill(actor, no_restart=True)
 
@@ -224,6 +236,7 @@ def test_autoscaler_limits_read_the_config_the_autoscaler_publishes(ray_env):
 def test_a_refresh_that_never_gets_its_resources_is_abandoned_at_the_end_of_training(ray_env, tmp_path):
     import ray
 
+    from samplers.protocol import RefreshSchedule
     from trainers.loop import _RefreshCaller
     from trainers.progress import ProgressPoster, ProgressRelay
     from trainers.tracking import RunTracker
@@ -235,13 +248,13 @@ def test_a_refresh_that_never_gets_its_resources_is_abandoned_at_the_end_of_trai
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("final-wait")).info.run_id
     tracker = RunTracker(uri, run_id, str(tmp_path / "m.jsonl"))
-    caller = _RefreshCaller(None, None, "async", str(tmp_path / "snapshots"), tracker,
+    caller = _RefreshCaller(None, None, RefreshSchedule(10, 5, every_epochs=1), str(tmp_path / "snapshots"), tracker,
                             ProgressPoster("relay-final-wait"))
     never = ray.remote(resources={"no-such-resource": 1})(lambda: {}).remote()  # never scheduled
     caller.pending = never
     caller.pending_snapshot = tmp_path / "snapshots" / "step_0000040"
     caller.pending_snapshot.mkdir(parents=True)
-    caller.last_boundary = 40
+    caller.pending_boundary = 40
     t0 = time.perf_counter()
     assert caller.finish(block=True, step=50, teardown=True, timeout_s=1.0) == 0.0
     assert time.perf_counter() - t0 < 10 and caller.pending is None

@@ -11,7 +11,7 @@ import torch
 
 from trainers.augment import digits_augment, two_views
 from trainers.evaluate import embed, knn_accuracy
-from trainers.loop import lr_at, refresh_due
+from trainers.loop import lr_at
 from trainers.models import SiameseNet, build_model, load_weights, save_weights
 
 
@@ -22,12 +22,6 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(6.0, 1.0, 2.0, 10.0) == pytest.approx(0.5)  # half-way through the cosine
     assert lr_at(10.0, 1.0, 2.0, 10.0) == pytest.approx(0.0, abs=1e-12)  # cos(pi) rounds to -1 exactly
     assert lr_at(3.0, 1.0, 0.0, 10.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.3)))
-
-
-def test_refresh_never_after_last_epoch():
-    assert [e for e in range(10) if refresh_due(e, 3, 10)] == [2, 5, 8]
-    assert [e for e in range(6) if refresh_due(e, 3, 6)] == [2]
-    assert not any(refresh_due(e, 0, 10) for e in range(10))
 
 
 def test_two_views_differ_per_sample_and_keep_shape():
