@@ -84,7 +84,8 @@ class _SamplerCore:
         return self.plan(step)[rank], self.version_at(step)
 
     def version_at(self, step: int) -> int:
-        active = [v["version"] for v in self.versions if v["activate_step"] <= step]
+        with self._lock:
+            active = [v["version"] for v in self.versions if v["activate_step"] <= step]
         return active[-1] if active else -1
 
     # -- graph versions --------------------------------------------------------------------------
@@ -100,8 +101,11 @@ class _SamplerCore:
         :mod:`samplers.protocol`). ``attempt=None`` (graph version 0, built by the driver) is always
         taken. ``snapshot_step``: the step of the weights it was built from (default: ``activate_step``).
         """
+        if attempt is not None and int(attempt) != self.attempt:
+            return None
+        graph = ProximityGraph.load(graph_path)  # read and checked outside the lock: plans keep flowing
         with self._lock:
-            if attempt is not None and int(attempt) != self.attempt:
+            if attempt is not None and int(attempt) != self.attempt:  # a rewind came in meanwhile
                 return None
             if activate_step <= self.max_served:
                 raise ValueError(
@@ -112,7 +116,7 @@ class _SamplerCore:
                                  f"{self.versions[-1]['activate_step']}")
             snapshot = activate_step if snapshot_step is None else snapshot_step
             self._activate({"version": int(version), "activate_step": int(activate_step), "path": str(graph_path),
-                            "snapshot_step": int(snapshot), "attempt": self.attempt}, persist=True)
+                            "snapshot_step": int(snapshot), "attempt": self.attempt}, persist=True, graph=graph)
             for step in [s for s in self._cache if s >= activate_step]:
                 del self._cache[step]
             return activate_step
@@ -158,8 +162,8 @@ class _SamplerCore:
                 self._persist()
             return dropped
 
-    def _activate(self, entry: dict[str, Any], persist: bool) -> None:
-        graph = ProximityGraph.load(entry["path"])
+    def _activate(self, entry: dict[str, Any], persist: bool, graph: Optional[ProximityGraph] = None) -> None:
+        graph = graph if graph is not None else ProximityGraph.load(entry["path"])
         self.planner.set_graph(graph.neighbors, version=entry["version"], activate_step=entry["activate_step"])
         self.versions.append(dict(entry))
         if persist:
@@ -182,9 +186,12 @@ class _SamplerCore:
                 "world_size": self.world_size}
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=4)
 class SamplerActor(_SamplerCore):
     """Named, restartable Ray actor serving batch plans; see the module docstring.
+
+    Threaded (``max_concurrency``): a version being loaded and checked for a swap does not hold up
+    the ranks' plan requests; the core's lock orders what touches the planner.
 
     Create it with :func:`start_sampler`.
     """
