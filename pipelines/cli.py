@@ -6,6 +6,10 @@
                                                      every combination, as child runs of one MLflow run
     hardbatch compare --experiment NAME [--metric eval/knn_acc] [--out DIR]
                                                      table, CSV and plots of an experiment's runs
+    hardbatch export --run RUN_ID --out DIR [--which final|best] [--format export|torchscript]
+                                                     a run's trained encoder as one file + encoder.json
+    hardbatch embed --run RUN_ID --source SOURCE --out DIR [--which final|best] [--batch-size N]
+                                                     embeddings of any source as a parquet dataset
 """
 
 from __future__ import annotations
@@ -68,6 +72,30 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--tracking-uri", default=None,
                          help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)")
     compare.add_argument("--no-log", action="store_true", help="do not log the report to MLflow")
+
+    for name, help_text in (("export", "write a run's trained encoder as a TorchScript or torch.export file"),
+                            ("embed", "embed a source with a run's trained encoder, into a parquet dataset")):
+        cmd = sub.add_parser(name, help=help_text)
+        cmd.add_argument("--run", required=True, metavar="RUN_ID", help="the MLflow run id `hardbatch run` printed")
+        cmd.add_argument("--which", choices=("final", "best"), default="final",
+                         help="the last epoch's encoder (final, default) or the best epoch's (best)")
+        cmd.add_argument("--tracking-uri", default=None,
+                         help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)")
+        if name == "export":
+            cmd.add_argument("--out", required=True, metavar="DIR",
+                             help="folder for encoder.pt2 (or encoder.pt) and encoder.json")
+            cmd.add_argument("--format", choices=("export", "torchscript"), default="export",
+                             help="export (torch.export, default) or torchscript (scripted)")
+        else:
+            cmd.add_argument("--source", required=True,
+                             help="any data source hardbatch reads: images:PATH, parquet:PATH, builtin:digits, ...")
+            cmd.add_argument("--out", required=True, metavar="DIR", help="new (or empty) folder for the parquet files")
+            cmd.add_argument("--batch-size", type=int, default=256, help="samples per forward pass (default 256)")
+            cmd.add_argument("--image-column", default=None,
+                             help="parquet sources: the image column (default: the run's data.image_column)")
+            cmd.add_argument("--label-column", default=None,
+                             help="parquet sources: the label column (default: the run's data.label_column)")
+        cmd.add_argument("-v", "--verbose", action="store_true", help="show Ray's and MLflow's own INFO lines too")
     return parser
 
 
@@ -87,6 +115,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return main_compare(args)
     if args.command == "sweep":
         return _sweep(args)
+    if args.command in ("export", "embed"):
+        from pipelines import export
+
+        return export.main_export(args) if args.command == "export" else export.main_embed(args)
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as err:

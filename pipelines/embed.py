@@ -1,4 +1,6 @@
-"""Re-embed the training split with a checkpoint's weights, streamed through a Ray Data actor pool.
+"""Embed a SampleStore on a Ray Data actor pool: the training split with a checkpoint's weights (graph
+refresh, :func:`embed_store`), or any source with a run's trained encoder (``hardbatch embed``,
+:func:`embed_to_parquet`).
 
 The dataset is only the ids to embed, cut into blocks; each pool actor loads the weights once from a
 checkpoint *path* (never an ObjectRef: a restarted actor must be able to rebuild itself, see
@@ -10,6 +12,10 @@ explicit ``id`` column, not by execution order.
 
 Cost: one decode and forward pass over N samples; O(N * D) floats for the ``[N, D]`` result (the graph
 needs all of it), plus the pool's start-up (a few seconds per pass on CPU).
+
+``embed_to_parquet`` is the same stream with :class:`EncoderEmbedder`: the encoder's representation
+``h`` (not the projection, not normalised) plus each sample's location, label and class, written as
+parquet by the pool without ever being collected.
 
 torch is imported by the pool actors only: the process that drives the pass (the GraphRefresher
 actor) never needs it, and importing it there would cost seconds of CPU and about 600 MB of memory.
@@ -29,6 +35,9 @@ from pipelines.datasets import ID, collect_by_id
 from pipelines.store import SampleStore
 
 WEIGHTS_FILE = "model.pt"
+# CPUs of a task writing parquet files (mostly I/O): with the default of 1, the writes of a pool that
+# holds most CPUs wait until the whole pass is done, every result parked in the object store.
+WRITE_CPUS = 0.25
 
 
 def as_network_spec(network: dict[str, Any], x_shape: tuple[int, ...]) -> dict[str, Any]:
@@ -124,3 +133,96 @@ def embed_store(store: SampleStore, checkpoint_dir: str, network: dict[str, Any]
 def embed_store_x(x: np.ndarray, checkpoint_dir: str, network: dict[str, Any], **kwargs: Any) -> np.ndarray:
     """:func:`embed_store` of samples given as an array ``[N, *shape]`` (id = row), for tests and tools."""
     return embed_store(SampleStore.in_memory(x), checkpoint_dir, network, **kwargs)
+
+
+class EncoderEmbedder:
+    """Callable class for ``map_batches``: a run's trained encoder applied to a batch of store ids.
+
+    Returns a pyarrow table with ``id``, ``location`` (:meth:`SampleStore.name`), ``label`` and
+    ``class`` (labelled stores only) and ``embedding`` (``fixed_size_list<float32>[D]``: the
+    representation ``h``, as :class:`trainers.models.Encoder` gives it; null for a sample that
+    could not be decoded).
+
+    Args:
+        model: the encoder's MLflow model URI (``models:/<id>``), loaded here
+            (:func:`pipelines.export.load_encoder`), so a restarted actor rebuilds itself (never
+            from an ObjectRef).
+        store: the SampleStore (shard handles).
+        tracking_uri: the MLflow store of an MLflow ``model``.
+        device: ``auto`` (the GPU Ray gave this actor, else the CPU), ``cpu`` or ``cuda``.
+        threads: torch threads (CPU actors).
+    """
+
+    def __init__(self, model: str, store: SampleStore, tracking_uri: Optional[str] = None, device: str = "auto",
+                 threads: Optional[int] = None):
+        import torch
+
+        from pipelines.export import load_encoder
+
+        self._torch = torch
+        if threads:
+            torch.set_num_threads(int(threads))
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.store = store
+        encoder, _ = load_encoder(model, tracking_uri)
+        self.encoder = encoder.to(self.device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        from trainers.feed import decode_batch
+
+        torch = self._torch
+        ids = np.asarray(batch[ID], dtype=np.int64)
+        x, failures = decode_batch(self.store.raw(ids), self.store.codec)
+        with torch.inference_mode():
+            x = x.to(self.device)
+            x = x if x.dtype.is_floating_point else x.float().div_(255)  # as SampleStore.take decodes
+            h = self.encoder(x).float().cpu().numpy()
+        mask = np.zeros(len(ids), dtype=bool)
+        mask[[i for i, _ in failures]] = True
+        embedding = pa.FixedSizeListArray.from_arrays(pa.array(h.reshape(-1)), h.shape[1],
+                                                      mask=pa.array(mask) if failures else None)
+        columns = {ID: pa.array(ids), "location": pa.array([self.store.name(int(i)) for i in ids], pa.string())}
+        if self.store.labels is not None:
+            labels = self.store.labels[ids]
+            columns["label"] = pa.array(labels, pa.int64())
+            columns["class"] = pa.array(np.asarray(self.store.classes, dtype=object)[labels], pa.string())
+        columns["embedding"] = embedding
+        return pa.table(columns)
+
+
+def embed_to_parquet(store: SampleStore, model: str, out_dir: str, *, tracking_uri: Optional[str] = None,
+                     pool_size: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0, threads: Optional[int] = None,
+                     device: str = "auto", batch_size: int = 256) -> dict[str, Any]:
+    """Every sample of ``store`` through a trained encoder, written to ``out_dir`` as a parquet dataset
+    (one row per sample, in no particular order: sort by ``id``); see :class:`EncoderEmbedder`.
+
+    Returns:
+        ``{"rows", "undecodable", "columns"}``, read back from the files' metadata.
+        Cost: O(N) decodes and forward passes, streamed; nothing is collected in this process.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pds
+    from ray.util.debug import log_once
+
+    from trainers.progress import quiet_logging
+
+    quiet_logging(ray_data=True)  # Ray Data's execution-plan lines, unless --verbose
+    log_once("ray_data_progress_manager_disabled")  # bars are off on purpose; say so once, not at all
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    n = store.size
+    per_block = min(8 * batch_size, max(batch_size, -(-n // max(4 * pool_size, 4))))
+    blocks = [pa.table({ID: pa.array(np.arange(a, min(a + per_block, n), dtype=np.int64))})
+              for a in range(0, n, per_block)]
+    # from_blocks: see embed_store
+    ray.data.from_blocks(blocks).map_batches(
+        EncoderEmbedder,
+        fn_constructor_kwargs={"model": str(model), "store": store, "tracking_uri": tracking_uri,
+                               "device": device, "threads": threads},
+        batch_size=batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=pool_size), num_cpus=num_cpus, num_gpus=num_gpus,
+    ).write_parquet(out_dir, ray_remote_args={"num_cpus": WRITE_CPUS})
+    written = pds.dataset(out_dir, format="parquet")
+    return {"rows": written.count_rows(), "undecodable": written.count_rows(filter=pc.field("embedding").is_null()),
+            "columns": written.schema.names}

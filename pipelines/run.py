@@ -454,6 +454,8 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
         disk = disk_use(run_dir)
         tracker.log_metrics({"run/wall_seconds": wall, "run/disk_bytes": sum(disk.values())},
                             step=config.train.epochs * spe)
+        _log_encoders(uri, run_id, result.checkpoint, run_dir / "best", splits.train, tracker,
+                      config.train.epochs * spe)
         status = "FINISHED"
         final = client.get_run(run_id).data.metrics
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (pipelines.cli): a stop, not a failure; resumable
@@ -513,6 +515,24 @@ class _GraphV0Report:
                                    **{f"graph/{k}": v for k, v in info["stats"].items()}}, step=0)
         self._tracker.log_artifact(info["manifest"], "graphs")
         _print(f"graph v0: {info['embed_seconds']:.1f} s embedding, {info['graph_seconds']:.2f} s build")
+
+
+def _log_encoders(uri: str, run_id: str, checkpoint, best_dir: Path, train_store, tracker, step: int) -> None:
+    """The trained encoder as MLflow models ``encoder`` and ``encoder_best`` (:mod:`pipelines.export`).
+    A failure is a warning, not a failed run: the checkpoints still hold the weights."""
+    from pipelines.export import example_rows, log_encoders
+
+    try:
+        with checkpoint.as_directory() as final_dir:
+            logged = log_encoders(uri, run_id, final_dir, best_dir, example_rows(train_store))
+    except Exception as err:  # noqa: BLE001 -- tracking never fails a finished training
+        _print(f"warning: the encoder could not be logged to MLflow ({type(err).__name__}: "
+               f"{str(err).splitlines()[0][:200] if str(err) else ''}); the checkpoints hold it: {checkpoint.path}")
+        return
+    tracker.log_metrics({"run/log_model_seconds": logged["seconds"]}, step=step)
+    models = "encoder" + (" and encoder_best" if logged["best"] else "")
+    _print(f"MLflow models {models} logged in {logged['seconds']:.1f} s: "
+           f"mlflow.pytorch.load_model('runs:/{run_id}/encoder')")
 
 
 def _mlflow_command() -> str:
