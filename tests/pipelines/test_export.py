@@ -188,3 +188,34 @@ def test_bad_requests_are_refused_in_one_line_before_ray(logged, tmp_path):
     for name in "abcde":
         assert not (tmp_path / name).exists()  # nothing written for a refused request
     assert not (tmp_path / "emb").exists() and not missing_db.parent.exists()  # no empty store made either
+
+
+def test_two_tower_and_classifier_encoders_log_and_load_back(logged, tmp_path):
+    """The u tower of a two-tower network (vectors in, ``ND``) and a classifier's backbone (no head)."""
+    client = MlflowClient(logged["uri"])
+    experiment = client.get_run(logged["runs"]["both"]).info.experiment_id
+    for kind, shape, extra in (("bimodal", (8,), {"v_shape": (6,)}), ("classifier", (1, 8, 8), {"num_classes": 3})):
+        spec = network_spec(kind, MODEL, shape, **extra)
+        torch.manual_seed(0)
+        net = build_network(spec)
+        save_network(net, spec, tmp_path / kind)
+        run_id = client.create_run(experiment, run_name=kind).info.run_id
+        log_encoders(logged["uri"], run_id, tmp_path / kind, tmp_path / "no_best",
+                     np.random.default_rng(0).random((2, *shape), dtype=np.float32))
+        found = find_encoder(logged["uri"], run_id, "final")
+        assert found.card["input"]["shape"] == list(shape) and found.card["network_kind"] == kind
+        assert found.card["input"]["layout"] == ("ND" if kind == "bimodal" else "NCHW")
+        encoder, _ = load_encoder(found.model_uri, logged["uri"])
+        x = torch.rand(3, *shape)
+        with torch.no_grad():
+            assert torch.allclose(encoder(x), Encoder(net).eval()(x), atol=1e-6)
+
+
+def test_embedding_pool_takes_the_gpus_or_most_cpus():
+    from pipelines.export import embed_pool
+
+    assert embed_pool({"CPU": 2.0}) == {"pool_size": 1, "num_gpus": 0.0, "num_cpus": 1.5, "threads": 2,
+                                        "device": "cpu"}  # one actor of 2 threads, room left for the writes
+    assert embed_pool({"CPU": 32.0})["pool_size"] == 4 and embed_pool({"CPU": 32.0})["threads"] == 8
+    assert embed_pool({"CPU": 16.0, "GPU": 2.0}) == {"pool_size": 2, "num_gpus": 1.0, "num_cpus": 1.0,
+                                                     "threads": None, "device": "cuda"}
