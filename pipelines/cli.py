@@ -116,9 +116,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "sweep":
         return _sweep(args)
     if args.command in ("export", "embed"):
-        from pipelines import export
+        try:
+            from pipelines import export
 
-        return export.main_export(args) if args.command == "export" else export.main_embed(args)
+            return export.main_export(args) if args.command == "export" else export.main_embed(args)
+        except KeyboardInterrupt:
+            print(f"[hardbatch] stopped: {args.out} may hold part of the output", flush=True)
+            return 130
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as err:

@@ -451,7 +451,7 @@ def main_embed(args) -> int:
     except ExportError as err:
         print(f"hardbatch: {err}", file=sys.stderr)
         return 2
-    result = embed_source(prepared, logged, out, batch_size=args.batch_size)
+    result = embed_source(prepared, logged, out, batch_size=args.batch_size)  # Ctrl-C: see pipelines.cli
     _say(f"embedded {result['rows']} samples of {args.source} with the {logged.which} encoder of run "
          f"{logged.run_id} in {result['seconds']:.1f} s ({result['rows'] / max(result['seconds'], 1e-9):.0f} rows/s, "
          f"{result['pool']}): {out}")
