@@ -25,8 +25,14 @@ from ray.util.debug import log_once
 
 from pipelines.datasets import SampleStore
 from pipelines.embed import embed_store
+from samplers.actor import _maybe_crash
 from samplers.graph import ProximityGraph, build_proximity_graph
 from trainers.progress import quiet_logging
+
+
+# Fault injection for the end-to-end tests: a marker file path; the refresher's process dies once, after
+# embedding and before building the graph, while this file does not exist (it is created just before).
+REFRESHER_FAULT_ENV = "HARDBATCH_REFRESHER_FAULT_ONCE"
 
 
 def graph_path(graph_dir: str | Path, version: int) -> Path:
@@ -101,6 +107,7 @@ class _Refresher:
         fresh = embed_store(store, checkpoint_dir, self.network, ids,
                             pool_size=self.refresh_cfg["pool_size"], num_cpus=self.refresh_cfg["num_cpus"],
                             num_gpus=self.refresh_cfg["num_gpus"], batch_size=self.refresh_cfg["batch_size"])
+        _maybe_crash(REFRESHER_FAULT_ENV)  # tests: the refresher dies mid-refresh, once
         if ids is None:
             emb = fresh
         else:
@@ -158,6 +165,10 @@ class _Refresher:
         return version if self.load_version(version) else None
 
 
-@ray.remote(num_cpus=0, max_restarts=-1)
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class GraphRefresher(_Refresher):
-    """Ray actor around the refresh procedure above (num_cpus=0: its pool actors hold the CPUs)."""
+    """Ray actor around the refresh procedure above (num_cpus=0: its pool actors hold the CPUs).
+
+    A refresher that dies mid-refresh is restarted and the refresh retried from its weight snapshot
+    (still on disk: it goes only once the refresh has landed); a retry whose first try had already
+    handed its version over is refused by the sampler, and that version stands."""

@@ -107,6 +107,9 @@ class _SamplerCore:
         with self._lock:
             if attempt is not None and int(attempt) != self.attempt:  # a rewind came in meanwhile
                 return None
+            if attempt is not None and any(v.get("snapshot_step") == snapshot_step and v.get("attempt") == self.attempt
+                                           for v in self.versions):
+                return None  # a retried refresh whose first try already landed: that version stands
             if activate_step <= self.max_served:
                 raise ValueError(
                     f"cannot activate graph version {version} at step {activate_step}: plans up to step "
@@ -198,6 +201,27 @@ class SamplerActor(_SamplerCore):
 
     def ping(self) -> bool:
         return True
+
+    def plan_row(self, rank: int, step: int) -> tuple[np.ndarray, int]:
+        _maybe_crash(SAMPLER_FAULT_ENV, step)
+        return super().plan_row(rank, step)
+
+
+# Fault injection for the end-to-end tests: "STEP:MARKER" makes the sampler actor's process die when a
+# plan of that step is first asked for, once per marker file (created just before).
+SAMPLER_FAULT_ENV = "HARDBATCH_SAMPLER_FAULT_ONCE"
+
+
+def _maybe_crash(env: str, step: Optional[int] = None) -> None:
+    """Die like a killed process when ``$env`` (``[STEP:]MARKER``) names this step and its marker file
+    does not exist yet (tests only)."""
+    spec = os.environ.get(env)
+    if not spec:
+        return
+    at, _, marker = spec.partition(":") if step is not None else ("", "", spec)
+    if (step is None or int(at) == step) and not os.path.exists(marker):
+        Path(marker).touch()
+        os._exit(1)
 
 
 def start_sampler(name: str, planner_kwargs: dict[str, Any], state_path: str, namespace: Optional[str] = None):

@@ -43,6 +43,7 @@ MODEL_FILE = "model.pt"  # the file pipelines.embed loads
 # start of that global step, once per marker file (the file is created just before).
 FAULT_ENV = "HARDBATCH_FAULT_ONCE"
 OPTIM_FILE = "optimizer.pt"
+TRACKER_CLOSE_S = 20.0  # at the end of training, how long rank 0 waits for MLflow to take its last metrics
 META_FILE = "meta.json"
 
 
@@ -321,8 +322,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 depth=data_cfg.get("feed_prefetch", 4), seed=train_cfg["seed"], rank=rank,
                 say=lambda message: data_warnings.post("warning", message=message))
     refresher = ray.get_actor(cfg["refresher_name"]) if cfg.get("refresher_name") else None
-    tracker = RunTracker(cfg["tracking_uri"], cfg["run_id"], cfg["metrics_path"], enabled=rank == 0)
     poster = ProgressPoster(cfg.get("progress_name"), enabled=rank == 0)
+    # metrics go to metrics.jsonl at once and to MLflow from a thread: a slow or stopped server never
+    # holds up training (what it missed is sent when it answers again, or by the driver at the end)
+    tracker = RunTracker(cfg["tracking_uri"], cfg["run_id"], cfg["metrics_path"], enabled=rank == 0,
+                         background=True, source="worker", say=lambda message: poster.post("warning", message=message))
     poster.post("start", epoch=start_epoch)  # every (re)start of the worker group
     # (5) the refresh protocol (samplers.protocol): snapshot and activation steps fixed in advance
     schedule = RefreshSchedule(spe, epochs, refresh_cfg["every_epochs"], refresh_cfg["every_steps"],
@@ -429,6 +433,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     if caller is not None:
         # let a refresh in flight land, within refresh.final_wait_s
         caller.finish(block=True, step=epochs * spe, teardown=True, timeout_s=refresh_cfg.get("final_wait_s"))
+    unsent = tracker.close(timeout_s=TRACKER_CLOSE_S)
+    if unsent:
+        poster.post("warning", message=f"{unsent} metric lines are not in MLflow yet (it does not answer); they "
+                                        f"are in {cfg['metrics_path']} and the driver sends them at the end")
 
 
 def _refresh_metrics(info: dict[str, Any]) -> dict[str, float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import warnings
 
 from mlflow.tracking import MlflowClient
@@ -75,3 +76,50 @@ def test_tracking_server_check_names_what_is_wrong_in_one_line():
     with pytest.raises(ValueError, match=r"^no MLflow server answers there \(.*\); start it, or fix the URI$"):
         check_tracking_server(f"http://127.0.0.1:{free_port()}", timeout_s=2)
     # a server that refuses the credentials: tests/e2e/test_cluster.py, against a real basic-auth server
+
+
+def test_background_tracker_sends_its_own_lines_in_order_without_blocking(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("bg", artifact_location=artifact_root_for(uri))).info.run_id
+    path = tmp_path / "m.jsonl"
+    driver = RunTracker(uri, run_id, str(path))  # the driver's lines, sent by the driver itself
+    worker = RunTracker(uri, run_id, str(path), background=True, source="worker")
+    driver.log_metrics({"data/stored_mb": 1.0}, step=0)
+    for step in range(1, 301):
+        worker.log_metrics({"train/loss": 1.0 / step, "train/lr": 0.1}, step=step)
+    (tmp_path / "manifest.json").write_text("{}")
+    worker.log_artifact(str(tmp_path / "manifest.json"), "graphs")
+    assert worker.close(timeout_s=60) == 0
+    loss = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/loss"))
+    assert loss == [(step, 1.0 / step) for step in range(1, 301)]  # every line once, 600 metrics in batches
+    assert len(client.get_metric_history(run_id, "data/stored_mb")) == 1  # not sent twice
+    assert [a.path for a in client.list_artifacts(run_id, "graphs")] == ["graphs/manifest.json"]
+    assert (tmp_path / "m.jsonl.worker.sent").read_text() == str(path.stat().st_size)
+
+
+def test_metrics_logged_while_mlflow_is_down_wait_on_disk_and_arrive_later(tmp_path):
+    from _procs import free_port
+
+    from trainers.tracking import count_pending, send_pending
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("down", artifact_location=artifact_root_for(uri))).info.run_id
+    path = tmp_path / "m.jsonl"
+    said = []
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there: a server that is down
+    worker = RunTracker(down, run_id, str(path), background=True, source="worker", say=said.append)
+    t0 = time.perf_counter()
+    for step in range(1, 51):
+        worker.log_metrics({"train/loss": float(step)}, step=step)
+    assert time.perf_counter() - t0 < 1.0  # the training thread never waits for MLflow
+    deadline = time.monotonic() + 60
+    while not said and time.monotonic() < deadline:  # the thread's first attempt (MLflow's own retries)
+        time.sleep(0.1)
+    assert len(said) == 1 and said[0].startswith("MLflow stopped answering"), said
+    assert worker.close(timeout_s=1) == 50 == count_pending(path, "worker")  # all kept, on disk
+    # once a server answers (here: the store the run lives in), what waited on disk reaches it
+    assert send_pending(uri, run_id, path, "worker", timeout_s=30) == 0
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == list(range(1, 51))
+    assert count_pending(path, "worker") == 0
