@@ -139,9 +139,10 @@ class EncoderEmbedder:
     """Callable class for ``map_batches``: a run's trained encoder applied to a batch of store ids.
 
     Returns a pyarrow table with ``id``, ``location`` (:meth:`SampleStore.name`), ``label`` and
-    ``class`` (labelled stores only) and ``embedding`` (``fixed_size_list<float32>[D]``: the
-    representation ``h``, as :class:`trainers.models.Encoder` gives it; null for a sample that
-    could not be decoded).
+    ``class`` (labelled stores only), ``embedding`` (``fixed_size_list<float32>[D]``: the
+    representation ``h``, as :class:`trainers.models.Encoder` gives it; NaN for a sample that could
+    not be decoded: a null there would not survive parquet) and ``error`` (why it could not be
+    decoded, else null).
 
     Args:
         model: the encoder's MLflow model URI (``models:/<id>``), loaded here
@@ -179,16 +180,17 @@ class EncoderEmbedder:
             x = x.to(self.device)
             x = x if x.dtype.is_floating_point else x.float().div_(255)  # as SampleStore.take decodes
             h = self.encoder(x).float().cpu().numpy()
-        mask = np.zeros(len(ids), dtype=bool)
-        mask[[i for i, _ in failures]] = True
-        embedding = pa.FixedSizeListArray.from_arrays(pa.array(h.reshape(-1)), h.shape[1],
-                                                      mask=pa.array(mask) if failures else None)
+        errors: list[Optional[str]] = [None] * len(ids)
+        for i, reason in failures:  # decode_batch put another sample there: no embedding of its own
+            h[i] = np.nan
+            errors[i] = reason
         columns = {ID: pa.array(ids), "location": pa.array([self.store.name(int(i)) for i in ids], pa.string())}
         if self.store.labels is not None:
             labels = self.store.labels[ids]
             columns["label"] = pa.array(labels, pa.int64())
             columns["class"] = pa.array(np.asarray(self.store.classes, dtype=object)[labels], pa.string())
-        columns["embedding"] = embedding
+        columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(h.reshape(-1)), h.shape[1])
+        columns["error"] = pa.array(errors, pa.string())
         return pa.table(columns)
 
 
@@ -224,5 +226,5 @@ def embed_to_parquet(store: SampleStore, model: str, out_dir: str, *, tracking_u
         compute=ray.data.ActorPoolStrategy(size=pool_size), num_cpus=num_cpus, num_gpus=num_gpus,
     ).write_parquet(out_dir, ray_remote_args={"num_cpus": WRITE_CPUS})
     written = pds.dataset(out_dir, format="parquet")
-    return {"rows": written.count_rows(), "undecodable": written.count_rows(filter=pc.field("embedding").is_null()),
+    return {"rows": written.count_rows(), "undecodable": written.count_rows(filter=pc.field("error").is_valid()),
             "columns": written.schema.names}

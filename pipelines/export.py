@@ -456,7 +456,7 @@ def main_embed(args) -> int:
          f"{logged.run_id} in {result['seconds']:.1f} s ({result['rows'] / max(result['seconds'], 1e-9):.0f} rows/s, "
          f"{result['pool']}): {out}")
     if result["undecodable"]:
-        _say(f"{result['undecodable']} samples could not be decoded: their embedding is null")
+        _say(f"{result['undecodable']} samples could not be decoded: their embedding is NaN, the column error says why")
     return 0
 
 

@@ -2,7 +2,8 @@
 on a generated image folder, on the session's Ray head; then, each in a fresh process,
 `mlflow.pytorch.load_model("runs:/<id>/encoder")`, `hardbatch export` and `hardbatch embed` on the
 same folder (the three at once) give the embeddings of the trained module (the last checkpoint, rebuilt with
-`load_network`), and the parquet dataset has the documented columns, ids and labels."""
+`load_network`), and the parquet dataset has the documented columns, ids and labels (a garbage file
+among the images: NaN and its reason)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def _cli(*args: str) -> list[str]:
 
 @pytest.mark.e2e
 def test_resnet18_run_logs_its_encoder_which_export_and_embed_reproduce(ray_head, tmp_path):
-    made = image_folder(tmp_path / "imgs", num_classes=4, per_class=24, size=(12, 20), seed=11)
+    made = image_folder(tmp_path / "imgs", num_classes=4, per_class=24, size=(12, 20), corrupt=1, seed=11)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = [f"data.source=images:{made.root}", f"storage.path={tmp_path / 'results'}", f"tracking.uri={uri}",
                  "tracking.run_name=e2e-encoder", *TINY]
@@ -96,13 +97,19 @@ def test_resnet18_run_logs_its_encoder_which_export_and_embed_reproduce(ray_head
     np.testing.assert_allclose(exported, want, atol=1e-5, err_msg="export")
 
     assert f"[hardbatch] embedded {len(files)} samples of images:{made.root}" in procs["embed"].stdout
+    assert "[hardbatch] 1 samples could not be decoded: their embedding is NaN" in procs["embed"].stdout
     table = pq.read_table(tmp_path / "emb").sort_by("id")  # the folder as a parquet dataset
-    assert table.column_names == ["id", "location", "label", "class", "embedding"]
+    assert table.column_names == ["id", "location", "label", "class", "embedding", "error"]
     assert table.column("id").to_pylist() == list(range(len(files)))  # id: the sorted listing's row
     assert table.column("location").to_pylist() == files
     assert table.column("label").to_pylist() == made.labels[""].tolist()
     assert table.column("class").to_pylist() == [made.classes[c] for c in made.labels[""]]
     embedding = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
-    np.testing.assert_allclose(embedding, want, atol=1e-5, err_msg="embed")
+    bad = files.index(made.corrupt[0])  # the garbage file: no embedding, and why
+    errors = table.column("error").to_pylist()
+    assert np.isnan(embedding[bad]).all() and "not a decodable image" in errors[bad]
+    assert sum(e is not None for e in errors) == 1
+    keep = np.arange(len(files)) != bad
+    np.testing.assert_allclose(embedding[keep], want[keep], atol=1e-5, err_msg="embed")
     about = json.loads((tmp_path / "emb" / "_hardbatch.json").read_text())
     assert about["run_id"] == run_id and about["rows"] == len(files) and about["which"] == "final"
