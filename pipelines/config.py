@@ -738,6 +738,34 @@ def probe_data(config: Config) -> None:
                           f"{classes} classes, so it needs one probability per class")
 
 
+# Keys a resumed run may change: where and how it runs, not what it trains (check_resume).
+RUNTIME_KEYS = ("ray.", "tracking.", "storage.", "checkpoint.", "train.max_failures", "train.cpus_per_worker",
+                "train.log_every_steps", "train.use_gpu", "train.channels_last", "train.compile", "data.store",
+                "data.s3_endpoint", "data.feed_workers", "data.feed_prefetch", "sampler.prefetch", "refresh.pool_size",
+                "refresh.num_cpus", "refresh.num_gpus", "refresh.batch_size", "refresh.final_wait_s", "eval.batch_size")
+
+
+def check_resume(saved: dict[str, Any], config: Config) -> None:
+    """A resumed run must train what it started training: ``config`` may differ from the ``saved`` flat
+    config of its first attempt only in :data:`RUNTIME_KEYS`; else the differing keys are named."""
+    now = {k: v for k, v in config.flat().items()}
+    keys = sorted(set(saved) | set(now))
+    changed = [k for k in keys if not k.startswith(RUNTIME_KEYS) and _jsonable(saved.get(k)) != _jsonable(now.get(k))]
+    if changed:
+        shown = ", ".join(f"{k} = {now.get(k)!r} (was {saved.get(k)!r})" for k in changed[:6])
+        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        raise ConfigError(f"tracking.run_name = {config.tracking.run_name!r} resumes a run started with another "
+                          f"config: {shown}{more}; resume with the original values, or choose another run name "
+                          f"(only where and how it runs may change: {', '.join(k.rstrip('.') for k in RUNTIME_KEYS[:4])}, ...)")
+
+
+def _jsonable(value: Any) -> Any:
+    """A config value as it reads back from JSON (tuples are lists)."""
+    import json
+
+    return json.loads(json.dumps(value, default=str))
+
+
 def check_model(config: Config, x_shape: tuple[int, ...]) -> None:
     """The backbone takes the data's samples of ``x_shape`` (known once the data is listed, before Ray)."""
     from trainers.models import resolve_model

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipelines.config import (Config, ConfigError, check_cluster, check_resources, cpus_per_worker, local_cpus,
-                              reachable_resources)
+                              reachable_resources, train_worker_gpus)
 from trainers.tracking import PARENT_RUN_TAG, check_tracking_server, experiment_id_for, resolve_tracking_uri
 
 NAMESPACE = "hardbatch"
@@ -175,13 +175,20 @@ def disk_use(run_dir: Path) -> dict[str, int]:
 
 def derive(config: Config, cluster_cpus: float, train_size: int) -> dict[str, Any]:
     """Quantities computed once on the driver and logged beside the config."""
+    from samplers.protocol import RefreshSchedule
+
     world = config.train.num_workers
+    spe = train_size // config.train.batch_size
+    refresh = config.refresh
+    schedule = RefreshSchedule(spe, config.train.epochs, refresh.every_epochs, refresh.every_steps, refresh.mode,
+                               refresh.lag_steps)
     return {
         "derived.per_worker_batch": config.train.batch_size // world,
-        "derived.steps_per_epoch": train_size // config.train.batch_size,
+        "derived.steps_per_epoch": spe,
         "derived.cpus_per_worker": cpus_per_worker(config, cluster_cpus),
         "derived.cluster_cpus": cluster_cpus,
         "derived.train_size": train_size,
+        "derived.refresh_lag_steps": schedule.lag,  # a graph made at step s is used from s + this
     }
 
 
@@ -332,6 +339,11 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
         if client.get_run(run_id).info.status == "FINISHED":
             raise ConfigError(f"tracking.run_name = {run_name!r}: that run already finished "
                               f"({run_dir}); choose another run name")
+        saved_config = run_dir / "config.json"
+        if saved_config.exists():  # runs started before this file existed resume unchecked
+            from pipelines.config import check_resume
+
+            check_resume(json.loads(saved_config.read_text()), config)
 
     # Checked before Ray starts: the data is listed (or, on resume, its fixed listing read back) and split.
     from pipelines.config import check_dataset_size, check_model
@@ -353,6 +365,7 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
         _print(f"resuming run {run_name} ({run_id}) from its last checkpoint and graph version")
     else:
         client, run_id = _start_mlflow_run(config, uri, run_name, parent_run_id)
+        (run_dir / "config.json").write_text(json.dumps(config.flat(), indent=1, default=str))  # check_resume
         run_file.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
     tracker = RunTracker(uri, run_id, str(run_dir / "metrics.jsonl"))
     status, actors, pump, disk = "FAILED", [], None, {}
@@ -433,10 +446,13 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
             "network": network, "loss_kwargs": loss_kwargs, "loss_options": loss_options, "data": data_setup,
             "progress_name": progress_name, "graph_v0": graph_v0,
         }
+        worker_resources = {"CPU": derived["derived.cpus_per_worker"]}
+        if config.train.use_gpu:  # less than 1 when a fractional embedding actor shares the GPU
+            worker_resources["GPU"] = train_worker_gpus(config)
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config=loop_cfg,
             scaling_config=ScalingConfig(num_workers=config.train.num_workers, use_gpu=config.train.use_gpu,
-                                         resources_per_worker={"CPU": derived["derived.cpus_per_worker"]}),
+                                         resources_per_worker=worker_resources),
             run_config=RunConfig(name="train", storage_path=str(run_dir),
                                  failure_config=FailureConfig(max_failures=config.train.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep),
@@ -444,13 +460,21 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
                                  logging_config=LoggingConfig(log_level="INFO" if is_verbose() else "WARNING")),
         )
         _print(f"starting {config.train.num_workers} Ray Train workers "
-               f"({derived['derived.cpus_per_worker']:g} CPUs{' and 1 GPU' if config.train.use_gpu else ''} each)")
+               f"({derived['derived.cpus_per_worker']:g} CPUs"
+               f"{f' and {train_worker_gpus(config):g} GPU' if config.train.use_gpu else ''} each)")
         result = fit_interruptibly(trainer)
         if v0_report is not None:
             v0_report.join()
         if result.error is not None:
             raise result.error
         wall = time.perf_counter() - t_start
+        from trainers.tracking import send_pending
+
+        # what rank 0 could not hand to MLflow before it stopped (the server was down at the end)
+        unsent = send_pending(uri, run_id, run_dir / "metrics.jsonl", "worker", timeout_s=60.0)
+        if unsent:
+            _print(f"{unsent} metric lines are not in MLflow ({uri} does not answer); they stay in "
+                   f"{run_dir / 'metrics.jsonl'}")
         disk = disk_use(run_dir)
         tracker.log_metrics({"run/wall_seconds": wall, "run/disk_bytes": sum(disk.values())},
                             step=config.train.epochs * spe)

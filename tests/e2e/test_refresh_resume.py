@@ -57,6 +57,10 @@ def test_sync_refresh_survives_a_driver_crash_and_a_worker_failure(tmp_path):
     # epoch 1 ran before that epoch's checkpoint, so v0..v2 were persisted by then
     assert [v["version"] for v in before[:3]] == [0, 1, 2]
 
+    # a resume that would train something else is refused before Ray starts, naming what changed
+    changed = run_cli([*cmd, "--set", "train.lr=0.01"], cwd=tmp_path, timeout=120)
+    assert changed.returncode == 2 and "train.lr = 0.01 (was 0.002)" in changed.stderr, changed.stderr[-2000:]
+
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("hardbatch-smoke").experiment_id])
     spe = int(run.data.params["derived.steps_per_epoch"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 import subprocess
 import sys
@@ -298,3 +300,19 @@ def test_connected_cluster_checks_count_nodes_and_what_the_autoscaler_can_add():
         check_cluster(gpu, server, nodes=1, can_add_nodes=False, reachable=head_only)
     with pytest.raises(ConfigError, match=r"^train.num_workers = 2 exceeds the 1 CPUs the cluster can have \(use at most 1"):
         check_cluster(Config.model_validate({}), server, nodes=1, can_add_nodes=False, reachable={"CPU": 1.0})
+
+
+def test_a_resume_with_another_config_is_refused_naming_the_keys():
+    from pipelines.config import check_resume
+
+    first = load_config("configs/smoke.yaml", ["tracking.run_name=r"])
+    saved = json.loads(json.dumps(first.flat(), default=str))  # as run.py writes config.json
+    # where and how it runs may change
+    check_resume(saved, load_config("configs/smoke.yaml", ["tracking.run_name=r", "train.max_failures=3",
+                                                           "refresh.pool_size=2", "ray.num_cpus=2"]))
+    changed = load_config("configs/smoke.yaml", ["tracking.run_name=r", "train.lr=0.01", "sampler.k=5"])
+    with pytest.raises(ConfigError, match=r"resumes a run started with another config: sampler.k = 5 \(was 10\), "
+                                          r"train.lr = 0.01 \(was 0.002\); resume with the original values"):
+        check_resume(saved, changed)
+    with pytest.raises(ConfigError, match=r"loss.sscl.n_hard = 8 \(was 64\)"):
+        check_resume(saved, load_config("configs/smoke.yaml", ["tracking.run_name=r", "loss.sscl.n_hard=8"]))
