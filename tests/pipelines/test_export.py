@@ -20,7 +20,6 @@ from pipelines.export import export_encoder, find_encoder, load_encoder, log_enc
 from pipelines.synthetic import image_folder
 from trainers.models import Encoder, build_network, encoder_card, load_network, network_spec, save_network
 
-ROOT = Path(__file__).resolve().parents[2]
 MODEL = {"backbone": "small_cnn", "width": 4, "embed_dim": 8, "proj_hidden": 16, "proj_dim": 4}
 SHAPE = (3, 16, 16)
 
@@ -179,7 +178,9 @@ def test_bad_requests_are_refused_in_one_line_before_ray(logged, tmp_path):
          f"no MLflow store at {missing_db}"),
         ([*embed, "--source", f"images:{good}", "--batch-size", "0"], "--batch-size 0: must be at least 1"),
     ]
-    proc = run_cli([sys.executable, "-c", PROBE, json.dumps([args for args, _ in cases])], cwd=ROOT, timeout=300)
+    work = tmp_path / "cwd"  # the default store of an MLflow call that forgot the tracking URI would land here
+    work.mkdir()
+    proc = run_cli([sys.executable, "-c", PROBE, json.dumps([args for args, _ in cases])], cwd=work, timeout=300)
     assert proc.stdout.splitlines() == ["rc=2"] * len(cases), proc.stdout[-3000:] + proc.stderr[-3000:]
     outputs = proc.stderr.split("--- end of case\n")[:-1]
     for (args, expected), err in zip(cases, outputs):
@@ -188,6 +189,7 @@ def test_bad_requests_are_refused_in_one_line_before_ray(logged, tmp_path):
     for name in "abcde":
         assert not (tmp_path / name).exists()  # nothing written for a refused request
     assert not (tmp_path / "emb").exists() and not missing_db.parent.exists()  # no empty store made either
+    assert not list(work.iterdir())
 
 
 def test_two_tower_and_classifier_encoders_log_and_load_back(logged, tmp_path):
