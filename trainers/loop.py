@@ -334,6 +334,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     if refresher is None:
         schedule = RefreshSchedule(spe, epochs)  # no refresh
     boundaries, activations = set(schedule.boundaries()), set(schedule.activations())
+    sync = schedule.mode == "sync"
     caller = (_RefreshCaller(refresher, train_store, schedule, cfg["snapshot_root"], tracker, poster)
               if rank == 0 and refresher is not None else None)
     if caller is not None:
@@ -387,11 +388,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
             # (5) refresh: rank 0 snapshots the weights and asks the refresher for a new graph version,
             # active from the step the schedule fixed; there, every rank waits until it is in.
+            if caller is not None and step + 1 in activations and not sync:
+                caller.finish(block=True, step=step + 1)  # the version used from here on (a late one: stall)
             if caller is not None and step + 1 in boundaries:
-                caller.trigger(model, step + 1)
+                caller.trigger(model, step + 1)  # sync: waits for it here (its activation step)
             if step + 1 in activations:
-                if caller is not None:
-                    caller.finish(block=True, step=step + 1)  # a late refresh: the wait is logged as stall
                 _barrier()
                 client.reset()
             elif caller is not None and step + 1 < epochs * spe:
