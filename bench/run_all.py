@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHES = ["losses.py", "sampler.py", "embed.py", "refresh.py", "data_feed.py"]  # data_memory.py: by hand (an hour)
+BENCHES = ["losses.py", "sampler.py", "embed.py", "refresh.py", "data_feed.py", "train_throughput.py", "embed_cli.py"]  # data_memory.py: by hand (an hour)
 
 
 def main() -> int:
