@@ -326,20 +326,13 @@ class RefreshConfig(_Section):
                              "the new graph at the refresh step")
     lag_steps: Optional[int] = Field(
         None, ge=1, description="async: a graph built from the weights of step s is used from step s + lag_steps "
-                                "(the trainer waits there if it is late); default: the refresh period")
+                                "(the trainer waits there if it is late); default: the refresh period; sync ignores it")
     pool_size: int = Field(1, ge=1, description="embedding actors in the Ray Data pool")
     num_cpus: float = Field(0.25, ge=0, description="logical CPUs per embedding actor")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per embedding actor")
     batch_size: int = Field(512, ge=1, description="rows per map_batches call")
     final_wait_s: float = Field(
         300.0, ge=0, description="at the end of training, how long to wait for a refresh still running (its graph is only kept on disk)")
-
-    @model_validator(mode="after")
-    def _lag_is_async(self) -> "RefreshConfig":
-        if self.lag_steps is not None and self.mode == "sync":
-            raise ValueError(f"refresh.lag_steps = {self.lag_steps} applies to refresh.mode = 'async' (a sync refresh "
-                             f"is used from the step it was made at)")
-        return self
 
 
 class EvalConfig(_Section):

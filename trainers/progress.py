@@ -104,6 +104,8 @@ def quiet_logging(verbose: Optional[bool] = None, ray_data: bool = False) -> Non
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     for name in _CHATTY:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # each failed attempt of an MLflow call while its server is down (the tracker reports the outage once)
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     if ray_data:
         importlib.import_module("ray.data")  # configures the 'ray.data' logger on first import
 

@@ -203,6 +203,11 @@ class RunTracker:
         if enabled:
             # MLflow's own HTTP retries default to 7 with exponential back-off (minutes of stall);
             # this class retries itself, so keep each attempt short unless the user chose otherwise.
+            # The background thread retries every few seconds for as long as it takes: one try per
+            # attempt, and a short timeout, so that a hung server is noticed and a revived one soon used.
+            if background:
+                os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+                os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
             for key, value in _HTTP_DEFAULTS.items():
                 os.environ.setdefault(key, value)
         if enabled and background:

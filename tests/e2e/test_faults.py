@@ -1,8 +1,9 @@
 """The fault matrix, part two (README "Faults"): one async run that loses its MLflow server for 30 s,
 its sampler actor and its graph refresher, and finishes as if nothing had happened.
 
-The MLflow server is a real ``mlflow server`` on 127.0.0.1 (sqlite), stopped mid-run and started
-again on the same port and store 30 s later. The sampler actor's process dies when a plan of a given
+The MLflow server is a real ``mlflow server`` on 127.0.0.1 (sqlite), stopped mid-run (SIGSTOP to its
+processes: it takes connections but answers nothing, the harder case of a hung server) and continued
+30 s later. The sampler actor's process dies when a plan of a given
 step is first asked for, the refresher's in the middle of a refresh (after embedding, before the
 graph build): Ray restarts both, the sampler from its state file, the refresher retrying the refresh
 from its weight snapshot.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -82,10 +84,10 @@ def test_a_run_survives_mlflow_down_30_s_a_killed_sampler_and_a_killed_refresher
         # training is under way: stop the server for OUTAGE_S seconds, then start it again
         wait_for(lambda: any("train/loss" in line for line in _lines(metrics)), 300, "the first training window",
                  driver)
-        stop_group(server.pid, grace_s=2.0, leader=server)
+        os.killpg(server.pid, signal.SIGSTOP)  # the server and its workers stop: requests hang, unanswered
         down_at = time.time()
         wait_for(lambda: time.time() - down_at >= OUTAGE_S, OUTAGE_S + 5, "the end of the outage", driver)
-        server = _start_mlflow(store, port, log)
+        os.killpg(server.pid, signal.SIGCONT)
         up_at = time.time()
         driver.wait(timeout=600)
     finally:
@@ -95,7 +97,9 @@ def test_a_run_survives_mlflow_down_30_s_a_killed_sampler_and_a_killed_refresher
     try:
         assert driver.returncode == 0, text[-4000:]
         assert (tmp_path / "sampler-died").exists() and (tmp_path / "refresher-died").exists()  # both really died
-        assert "MLflow stopped answering" in text and "MLflow answers again" in text, text[-4000:]
+        # a request that hung past its timeout is reported once, and the server's return once (whether one
+        # timed out depends on when the sender's requests fell in the outage)
+        assert ("MLflow stopped answering" in text) == ("MLflow answers again" in text), text[-4000:]
 
         lines = [line for line in _lines(metrics) if line.get("src") == "worker"]
         during = [line for line in lines if down_at * 1000 < line["time_ms"] < up_at * 1000 and "train/loss" in line]
