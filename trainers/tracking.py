@@ -151,17 +151,26 @@ def send_pending(tracking_uri: str, run_id: str, local_path: str | Path, source:
     local_path = Path(local_path)
     client, deadline = MlflowClient(tracking_uri), time.monotonic() + timeout_s
     while True:
-        lines, offset, cursor = read_pending(local_path, source)
-        if offset == cursor:
-            return 0
         try:
-            send_lines(client, run_id, lines)
+            send_all(client, run_id, local_path, source)
+            return 0
         except Exception:
             if time.monotonic() > deadline:
                 return count_pending(local_path, source)
             time.sleep(1.0)
-            continue
+
+
+def send_all(client, run_id: str, local_path: Path, source: str) -> int:
+    """Send every pending line of ``source`` in batches, moving the cursor after each; returns the lines
+    sent. An MLflow failure propagates, with the cursor after the last batch that got through."""
+    sent = 0
+    while True:
+        lines, offset, cursor = read_pending(local_path, source)
+        if offset == cursor:
+            return sent
+        send_lines(client, run_id, lines)
         _cursor_file(local_path, source).write_text(str(offset))
+        sent += len(lines)
 
 
 def count_pending(local_path: Path, source: str) -> int:
@@ -313,7 +322,6 @@ class _Sender:
         self.tracker, self.say, self.poll_s, self.retry_s = tracker, say, poll_s, retry_s
         self.artifacts: list[tuple[str, Optional[str]]] = []
         self.down_since: Optional[float] = None
-        self.sent_lines = 0
         self._wake, self._stop = threading.Event(), threading.Event()
         self._abandon = False  # set by stop() when its time is up
         self._thread = threading.Thread(target=self._run, name="mlflow-sender", daemon=True)
@@ -348,13 +356,7 @@ class _Sender:
         """Send everything pending; False when MLflow failed (nothing is lost: the cursor stays)."""
         path, source = self.tracker.local_path, self.tracker.source
         try:
-            while True:
-                lines, offset, cursor = read_pending(path, source)
-                if offset == cursor:
-                    break
-                send_lines(self.tracker.client, self.tracker.run_id, lines)
-                _cursor_file(path, source).write_text(str(offset))
-                self.sent_lines += len(lines)
+            send_all(self.tracker.client, self.tracker.run_id, path, source)
             while self.artifacts:
                 local, artifact_path = self.artifacts[0]
                 self.tracker.client.log_artifact(self.tracker.run_id, local, artifact_path)
