@@ -137,15 +137,11 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _sizes_of_the_backbone(self) -> "ModelConfig":
-        from trainers.models import BACKBONE_WIDTH
+        from trainers.models import config_problem
 
-        fixed = BACKBONE_WIDTH.get(self.backbone)
-        if fixed is not None and self.embed_dim is not None and self.embed_dim != fixed:
-            raise ValueError(f"model.embed_dim = {self.embed_dim}: model.backbone = {self.backbone!r} gives {fixed} "
-                             f"features (leave model.embed_dim unset)")
-        if self.cifar_stem and not self.backbone.startswith("resnet"):
-            raise ValueError(f"model.cifar_stem = true: model.backbone = {self.backbone!r} has no CIFAR stem "
-                             f"(it applies to resnet18 and resnet50)")
+        problem = config_problem(self.model_dump())
+        if problem:
+            raise ValueError(problem)
         return self
 
 

@@ -149,13 +149,24 @@ def backbone_problem(backbone: str, side_hw: tuple[int, int], cifar_stem: Option
         if h != w or h % 16:
             return (f"takes square images whose side is a multiple of 16 (its 16x16 patches), got {h}x{w} "
                     f"(set data.image_size to 32, 48, 64, ... or 224)")
-        if cifar_stem:
-            return "has no CIFAR stem (model.cifar_stem applies to resnet18 and resnet50)"
     if backbone.startswith("resnet") and cifar_stem is False and min(h, w) < 32:
         return (f"without the CIFAR stem shrinks {h}x{w} images 32-fold to nothing "
                 f"(take model.cifar_stem = true, or images of 32 px or more)")
-    if backbone == "small_cnn" and cifar_stem:
-        return "has no CIFAR stem (model.cifar_stem applies to resnet18 and resnet50)"
+    return None
+
+
+def config_problem(model_cfg: dict[str, Any]) -> Optional[str]:
+    """What is wrong with a ``model:`` section of image data whatever the image size, in one line naming
+    the field, or ``None``: an ``embed_dim`` other than a torchvision backbone's fixed width, a CIFAR stem
+    on a backbone without one."""
+    backbone = model_cfg.get("backbone") or "small_cnn"
+    fixed, embed_dim = BACKBONE_WIDTH.get(backbone), model_cfg.get("embed_dim")
+    if fixed is not None and embed_dim is not None and embed_dim != fixed:
+        return (f"model.embed_dim = {embed_dim}: model.backbone = {backbone!r} gives {fixed} features "
+                f"(leave model.embed_dim unset)")
+    if model_cfg.get("cifar_stem") and not backbone.startswith("resnet"):
+        return (f"model.cifar_stem = true: model.backbone = {backbone!r} has no CIFAR stem "
+                f"(it applies to resnet18 and resnet50)")
     return None
 
 
@@ -211,9 +222,9 @@ def resolve_model(model_cfg: dict[str, Any], x_shape: tuple[int, ...]) -> dict[s
         raise ValueError(f"model.backbone = {backbone!r} is not a backbone (allowed: {', '.join(BACKBONES)})")
     images = len(x_shape) == 3
     fixed = BACKBONE_WIDTH.get(backbone) if images else None
-    if fixed is not None and out["embed_dim"] not in (None, fixed):
-        raise ValueError(f"model.embed_dim = {out['embed_dim']}: model.backbone = {backbone!r} gives {fixed} "
-                         f"features (leave model.embed_dim unset)")
+    problem = config_problem(out) if images else None
+    if problem:
+        raise ValueError(problem)
     out["embed_dim"] = int(fixed or out["embed_dim"] or 128)
     out["proj_hidden"] = int(out["proj_hidden"] or (fixed or 2 * out["embed_dim"]))
     if images:
