@@ -30,7 +30,9 @@ The rules (README "Graph refresh"):
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional
 
 
@@ -78,18 +80,24 @@ class RefreshSchedule:
         """The step from which the version snapshotted at ``boundary`` is used."""
         return boundary + self.lag
 
+    @cached_property
+    def _boundaries(self) -> tuple[int, ...]:
+        if self.period <= 0:
+            return ()
+        return tuple(b for b in range(self.period, self.total, self.period) if self.activation(b) < self.total)
+
     def boundaries(self) -> list[int]:
         """Snapshot steps, ascending: multiples of the period whose version activates before the end."""
-        if self.period <= 0:
-            return []
-        return [b for b in range(self.period, self.total, self.period) if self.activation(b) < self.total]
+        return list(self._boundaries)
 
     def activations(self) -> list[int]:
-        return [self.activation(b) for b in self.boundaries()]
+        return [self.activation(b) for b in self._boundaries]
 
     def horizon(self, step: int) -> Optional[int]:
-        """The first activation step after ``step`` (plans from there on wait for its version), or ``None``."""
-        return next((a for a in self.activations() if a > step), None)
+        """The first activation step after ``step`` (plans from there on wait for its version), or ``None``.
+        O(log n): the trainer asks at every step."""
+        i = bisect.bisect_right(self._boundaries, step - self.lag)
+        return self.activation(self._boundaries[i]) if i < len(self._boundaries) else None
 
     def last_boundary(self, step: int) -> int:
         """The newest snapshot step at or before ``step`` (0 before the first): where a ``scope: seen``
