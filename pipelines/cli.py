@@ -147,7 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "labelled" if probe.labelled else "unlabelled: kNN and the linear probe will be skipped")
             print(f"data: {source.spec}: found, {kind}")
         return 0
-    from pipelines.run import run, stop_on_sigterm
+    from pipelines.run import RunFailed, run, stop_on_sigterm
 
     stop_on_sigterm()  # SIGTERM stops the run as Ctrl-C does (set again once Ray has started)
     try:
@@ -155,6 +155,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as err:  # e.g. a cluster smaller than the config asks for
         print(f"hardbatch: config error: {err}", file=sys.stderr)
         return 2
+    except RunFailed as err:  # training failed for good: why, what is intact, how to resume
+        print(f"hardbatch: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(STOPPED, flush=True)
         return 130

@@ -42,6 +42,49 @@ class RunResult:
     metrics: dict[str, Any]
 
 
+class RunFailed(RuntimeError):
+    """Training failed for good (``train.max_failures`` spent): why, in the workers' words, and what
+    survives. The CLI prints the message as is (no driver traceback: the workers' own went to the
+    console as they failed)."""
+
+
+def last_checkpoint(run_dir: Path) -> Optional[str]:
+    """The newest checkpoint Ray Train registered for the run (the one a resume starts from), from its
+    checkpoint manager's snapshot; ``None`` when there is none or it cannot be read. A directory that
+    was being written when storage failed is never registered, so it is never named here."""
+    try:
+        snapshot = json.loads((run_dir / "train" / "checkpoint_manager_snapshot.json").read_text())
+        return snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def describe_failure(err: BaseException, run_dir: Path, run_name: str) -> str:
+    """One paragraph for a failed run: each failed rank's error (first line), what is intact, how to
+    resume. A checkpoint that could not be written (:class:`trainers.loop.CheckpointWriteError`) is
+    named as a storage problem."""
+    from trainers.loop import CheckpointWriteError
+
+    failures = getattr(err, "worker_failures", None) or {}
+    causes = failures.items() if failures else [(None, err)]
+
+    def first_line(error: BaseException) -> str:
+        text = str(error).strip()
+        return f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+    said = "; ".join(f"rank {rank} {first_line(e)}" if rank is not None else first_line(e) for rank, e in causes)
+    storage = any(isinstance(e, CheckpointWriteError) for _, e in causes)
+    latest = last_checkpoint(run_dir)
+    if latest is None:
+        kept = "no checkpoint was written; the same command starts the run again"
+    else:
+        epoch = int(latest.rsplit("_", 1)[-1]) + 1
+        kept = (f"the checkpoint of epoch {epoch} ({run_dir / 'train' / latest}) is intact; "
+                f"{'once the storage takes writes again, ' if storage else ''}the same command "
+                f"(tracking.run_name={run_name}) resumes the run from it")
+    return f"run {run_name} failed: {said}. The MLflow run is marked FAILED; {kept}"
+
+
 def init_ray(config: Config) -> None:
     """Connect to ``RAY_ADDRESS`` when set, else start a private local Ray bound to 127.0.0.1.
 
@@ -299,7 +342,7 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
     """
     import ray
     import torch
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     from pipelines.console import Console, ConsolePump
@@ -462,11 +505,14 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
         _print(f"starting {config.train.num_workers} Ray Train workers "
                f"({derived['derived.cpus_per_worker']:g} CPUs"
                f"{f' and {train_worker_gpus(config):g} GPU' if config.train.use_gpu else ''} each)")
-        result = fit_interruptibly(trainer)
+        try:
+            result = fit_interruptibly(trainer)
+        except TrainingFailedError as err:
+            raise RunFailed(describe_failure(err, run_dir, run_name)) from err
         if v0_report is not None:
             v0_report.join()
         if result.error is not None:
-            raise result.error
+            raise RunFailed(describe_failure(result.error, run_dir, run_name)) from result.error
         wall = time.perf_counter() - t_start
         from trainers.tracking import send_pending
 

@@ -47,6 +47,12 @@ TRACKER_CLOSE_S = 20.0  # at the end of training, how long rank 0 waits for MLfl
 META_FILE = "meta.json"
 
 
+class CheckpointWriteError(RuntimeError):
+    """Rank 0 could not persist an epoch's checkpoint to the run's storage (full, read-only, a file in
+    the way). The run stops; the checkpoints already registered stay valid and resume it. Carries its
+    message only, so it pickles from the worker to the driver as is."""
+
+
 def lr_at(progress_epochs: float, base_lr: float, warmup_epochs: float, total_epochs: float) -> float:
     """Linear warm-up to ``base_lr``, then cosine decay to 0; a pure function of the fractional epoch."""
     if warmup_epochs > 0 and progress_epochs < warmup_epochs:
@@ -423,7 +429,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 Path(tmp, META_FILE).write_text(json.dumps(
                     {"epoch": epoch, "step": (epoch + 1) * spe, "sampler": sampler_state}))
                 report_ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=report_ckpt, checkpoint_dir_name=ckpt_name)
+            try:
+                ray.train.report(metrics, checkpoint=report_ckpt, checkpoint_dir_name=ckpt_name)
+            except OSError as err:  # persisting the checkpoint (this rank's) failed: say which, plainly
+                if report_ckpt is None:
+                    raise
+                raise CheckpointWriteError(f"cannot write the checkpoint of epoch {epoch + 1} ({ckpt_name}): "
+                                           f"{type(err).__name__}: {err}") from err
         if rank == 0 and keep is not None:  # retention: graph versions no kept checkpoint needs
             floor = retention_floor(epoch, spe, keep, caller.plan_floor() if caller is not None else None)
             pruned = prune_graph_versions(sampler, floor)
