@@ -4,7 +4,9 @@ One job in `refresh.mode: sync` (every graph version active exactly at its epoch
 was persisted when is deterministic): the driver and the local Ray it started are killed after the
 second checkpoint; the same command resumes it; during the resumed run a Train worker process dies
 once (`train.max_failures` lets Ray Train restart the group from the last checkpoint). The run must
-finish as one MLflow run, on the persisted graph versions, with the console saying what happened.
+finish as one MLflow run, on the persisted graph versions, with the console saying what happened,
+and train exactly as the same command run without a fault beside it (another run name, its own Ray
+and MLflow store): every logging window's loss, replays included, and every final metric.
 """
 
 from __future__ import annotations
@@ -36,13 +38,20 @@ def _logged(client: MlflowClient, run_id: str, key: str) -> dict[tuple[int, int]
 
 
 @pytest.mark.e2e
-def test_sync_refresh_survives_a_driver_crash_and_a_worker_failure(tmp_path):
+def test_sync_refresh_survives_a_driver_crash_and_a_worker_failure(tmp_path, request):
     run_dir = tmp_path / "results" / "crash"
     cmd = [sys.executable, "-m", "pipelines.cli", "run", str(ROOT / "configs/smoke.yaml"),
            "--set", f"storage.path={tmp_path / 'results'}", "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
            "--set", "tracking.run_name=crash", "--set", f"train.epochs={EPOCHS}", "--set", "refresh.every_epochs=1",
            "--set", "refresh.mode=sync", "--set", "train.max_failures=1", "--set", "checkpoint.keep=2",
            "--set", "loss.name=sscl"]  # SSCL draws synthetic negatives: a random stream the replay must repeat
+    # the same run without faults, at the same time: the baseline of exact resume
+    straight_cmd = [*cmd, "--set", "tracking.run_name=straight", "--set",
+                    f"tracking.uri=sqlite:///{tmp_path / 'straight.db'}"]
+    straight_out = open(tmp_path / "straight.txt", "w")
+    straight = subprocess.Popen(straight_cmd, cwd=tmp_path, env=private_env(), stdout=straight_out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    request.addfinalizer(lambda: straight.poll() is not None or stop_group(straight.pid, leader=straight))
     first = subprocess.Popen(cmd, cwd=tmp_path, env=private_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -67,6 +76,12 @@ def test_sync_refresh_survives_a_driver_crash_and_a_worker_failure(tmp_path):
     # rank 1 dies once, late in the last epoch of the resumed run
     env = {**private_env(), "HARDBATCH_FAULT_ONCE": f"1:{4 * spe - 2}:{tmp_path / 'worker-died'}"}
     second = run_cli(cmd, cwd=tmp_path, env=env, timeout=600)
+    try:
+        straight.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the run without faults still runs: " + (tmp_path / "straight.txt").read_text()[-3000:])
+    straight_out.close()
+    assert straight.returncode == 0, (tmp_path / "straight.txt").read_text()[-3000:]
     out = second.stdout
     assert second.returncode == 0, out[-3000:] + second.stderr[-3000:]
     assert (tmp_path / "worker-died").exists()  # the worker really died
@@ -113,3 +128,17 @@ def test_sync_refresh_survives_a_driver_crash_and_a_worker_failure(tmp_path):
     assert before_failure and before_failure <= set(replayed), (sorted(before_failure), sorted(replayed))
     for step, values in replayed.items():
         assert max(values) - min(values) <= 1e-6 * max(1.0, abs(values[0])), (step, values)
+
+    # exact resume against the run that never failed: the same loss in every window (those logged twice
+    # included) and the same final metrics
+    base_client = MlflowClient(f"sqlite:///{tmp_path / 'straight.db'}")
+    (base,) = base_client.search_runs([base_client.get_experiment_by_name("hardbatch-smoke").experiment_id])
+    base_losses = dict(_history(base_client, base.info.run_id, "train/loss"))
+    assert sorted(losses) == sorted(base_losses)
+    for step, values in losses.items():
+        assert all(abs(v - base_losses[step]) <= 1e-6 * max(1.0, abs(v)) for v in values), (step, values,
+                                                                                           base_losses[step])
+    final = {k: v for k, v in client.get_run(rid).data.metrics.items() if k.startswith("eval/")}
+    base_final = {k: v for k, v in base.data.metrics.items() if k.startswith("eval/")}
+    assert {"eval/knn_acc", "eval/linear_acc"} <= set(final) and final.keys() == base_final.keys()
+    assert all(abs(final[k] - base_final[k]) <= 1e-6 * max(1.0, abs(final[k])) for k in final), (final, base_final)
