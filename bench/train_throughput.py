@@ -13,7 +13,10 @@ batches of ``--batch`` samples, ``--threads`` torch threads for the compute:
 * hardbatch: ``hardbatch run`` on the same folder with one Train worker of ``--threads`` CPUs,
   ``sampler.name=uniform``, one feed process, no graph refresh; its samples/s is
   ``train/samples_per_s`` from the run's ``metrics.jsonl`` (the logging windows after the first,
-  evaluation excluded: it is the time between steps, plan fetch and data wait included).
+  evaluation excluded: it is the time between steps, plan fetch and data wait included). While it
+  trains, the CPU of every process of the run is sampled from ``/proc``: the line "CPU while training"
+  says how many cores the Train worker got and how much Ray's own processes took (on a 2-core machine,
+  about 0.15 of a core: enough to cost the worker's two compute threads about 10 %).
 
 The plain loop is also timed in bf16 (autocast) against fp32 (a report; no target).
 Targets (issue 13): hardbatch >= 0.9x the plain loop.
@@ -28,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -72,6 +76,83 @@ def plain_loop(files: list[Path], size: int, model_cfg: dict, batch: int, steps:
     return steps * batch / (time.perf_counter() - t0)
 
 
+class CpuWatch:
+    """Samples the CPU time of every process of a run (the driver, the Ray it starts, the Train worker and
+    its feed process) every ``period`` s, to say where the machine's CPU goes while the worker trains:
+    the worker's share against Ray's own processes (raylet, GCS, dashboard, the Train controller, idle
+    actors), which take cores from the worker's compute threads. Linux only (``/proc``); else silent."""
+
+    def __init__(self, root: int, period: float = 1.0):
+        self.root, self.period = root, period
+        self.samples: list[tuple[float, dict[int, tuple[str, int, int]]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        if Path("/proc/self/stat").exists():
+            self._thread.start()
+
+    @staticmethod
+    def _stat(pid: int):
+        raw = Path(f"/proc/{pid}/stat").read_text()
+        fields = raw.rsplit(")", 1)[1].split()
+        return raw[raw.index("(") + 1:raw.rindex(")")], int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[16])
+
+    def _tree(self) -> dict[int, tuple[str, int, int]]:
+        stats = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stats[int(entry.name)] = self._stat(int(entry.name))
+                except (OSError, ValueError, IndexError):
+                    pass
+        kids: dict[int, list[int]] = {}
+        for pid, (_, ppid, _, _) in stats.items():
+            kids.setdefault(ppid, []).append(pid)
+        out, todo = {}, [self.root]
+        while todo:
+            pid = todo.pop()
+            if pid in stats:
+                name, _, ticks, nice = stats[pid]
+                out[pid] = (name, ticks, nice)
+            todo += kids.get(pid, [])
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self.samples.append((time.perf_counter(), self._tree()))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def report(self) -> None:
+        """Over the samples where the Train worker uses more than 1.2 cores (training, not start-up or
+        evaluation): each process's cores, the worker's own and all others'."""
+        hz = os.sysconf("SC_CLK_TCK")
+        spans: dict[int, list[float]] = {}
+        names: dict[int, tuple[str, int]] = {}
+        training = 0.0
+        for (t0, a), (t1, b) in zip(self.samples, self.samples[1:]):
+            rates = {pid: (b[pid][1] - a[pid][1]) / hz / (t1 - t0) for pid in b if pid in a}
+            worker = [pid for pid in rates if b[pid][0].startswith("ray::RayTrainWo") and rates[pid] > 1.2]
+            if not worker:
+                continue
+            training += t1 - t0
+            for pid, rate in rates.items():
+                spans.setdefault(pid, []).append(rate * (t1 - t0))
+                names[pid] = (b[pid][0], b[pid][2])
+        if training < 5:
+            return
+        shares = sorted(((sum(v) / training, pid) for pid, v in spans.items()), reverse=True)
+        trainer = sum(share for share, pid in shares if names[pid][0].startswith("ray::RayTrainWo"))
+        others = sum(share for share, pid in shares if not names[pid][0].startswith("ray::RayTrainWo"))
+        top = ", ".join(f"{names[pid][0]} {share * 100:.1f}" for share, pid in shares
+                        if not names[pid][0].startswith("ray::RayTrainWo") and share >= 0.004)
+        print(f"hardbatch: CPU while training ({training:.0f} s): Train worker and its feed {trainer:.2f} cores "
+              f"(nice {max(n for name, n in names.values() if name.startswith('ray::RayTrainWo'))}), the run's other processes {others:.2f} cores "
+              f"(% of a core: {top})", flush=True)
+
+
 def hardbatch_run(root: Path, work: Path, args: argparse.Namespace, steps_per_epoch: int) -> list[float]:
     """``train/samples_per_s`` of the logging windows after the first of a ``hardbatch run``."""
     overrides = [
@@ -87,10 +168,16 @@ def hardbatch_run(root: Path, work: Path, args: argparse.Namespace, steps_per_ep
     cmd = [sys.executable, "-m", "pipelines.cli", "run", str(ROOT / "configs" / "digits.yaml")]
     for item in overrides:
         cmd += ["--set", item]
-    done = subprocess.run(cmd, cwd=work, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=1800)
-    if done.returncode != 0:
-        raise SystemExit(f"hardbatch run failed:\n{done.stdout[-4000:]}")
+    with subprocess.Popen(cmd, cwd=work, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}) as proc:
+        watch = CpuWatch(proc.pid)
+        try:
+            output, _ = proc.communicate(timeout=1800)
+        finally:
+            watch.stop()
+    if proc.returncode != 0:
+        raise SystemExit(f"hardbatch run failed:\n{output[-4000:]}")
+    watch.report()
     rows = [json.loads(line) for line in (work / "results" / "throughput" / "metrics.jsonl").read_text().splitlines()]
     windows = [row for row in rows if "train/samples_per_s" in row][1:]  # the first holds the start-up
     waits = [row["train/data_wait_s"] for row in windows]
