@@ -63,16 +63,13 @@ def describe_failure(err: BaseException, run_dir: Path, run_name: str) -> str:
     """One paragraph for a failed run: each failed rank's error (first line), what is intact, how to
     resume. A checkpoint that could not be written (:class:`trainers.loop.CheckpointWriteError`) is
     named as a storage problem."""
+    from trainers.callbacks import error_line
     from trainers.loop import CheckpointWriteError
 
     failures = getattr(err, "worker_failures", None) or {}
     causes = failures.items() if failures else [(None, err)]
-
-    def first_line(error: BaseException) -> str:
-        text = str(error).strip()
-        return f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
-
-    said = "; ".join(f"rank {rank} {first_line(e)}" if rank is not None else first_line(e) for rank, e in causes)
+    said = "; ".join(f"rank {rank} {error_line(e, 300)}" if rank is not None else error_line(e, 300)
+                     for rank, e in causes)
     storage = any(isinstance(e, CheckpointWriteError) for _, e in causes)
     latest = last_checkpoint(run_dir)
     if latest is None:

@@ -11,6 +11,13 @@ import ray.train
 from trainers.progress import ProgressPoster
 
 
+def error_line(err: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message`` (at most ``limit`` characters of it): how the console and a
+    failed run's summary name an error."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:limit] if text else ''}"
+
+
 class FailureReporter(ray.train.UserCallback):
     """Posts each worker failure and its cause to the run's progress relay, so the console shows
     why the worker group restarts (or why the run ends)."""
@@ -19,6 +26,5 @@ class FailureReporter(ray.train.UserCallback):
         self.relay_name = relay_name
 
     def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
-        errors = {int(rank): f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
-                  for rank, err in worker_exceptions.items()}
+        errors = {int(rank): error_line(err) for rank, err in worker_exceptions.items()}
         ProgressPoster(self.relay_name).post("failure", errors=errors)
