@@ -111,12 +111,36 @@ def init_ray(config: Config) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(namespace=NAMESPACE, log_to_driver=True, logging_level=level)
     else:
-        ray.init(address="local", namespace=NAMESPACE, num_cpus=local_cpus(config),
-                 object_store_memory=config.ray.object_store_mb * 1024 * 1024, logging_level=level,
-                 include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
+        # Ray's own helpers find "their" cluster by address only: Ray Train's PlacementGroupCleaner
+        # asks the state API every second, with no address, whether the controller lives. With a
+        # second Ray on the machine (another run, a `ray start` head) it finds several, or the wrong
+        # one, and dies with a traceback. So the GCS port is chosen here and every process of this
+        # Ray gets RAY_ADDRESS pointing at its own GCS (the driver's environment is left alone).
+        port = free_loopback_port()
+        previous = os.environ.get("RAY_GCS_SERVER_PORT")
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+        try:
+            ray.init(address="local", namespace=NAMESPACE, num_cpus=local_cpus(config),
+                     object_store_memory=config.ray.object_store_mb * 1024 * 1024, logging_level=level,
+                     include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                     runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{port}"}})
+        finally:
+            if previous is None:
+                os.environ.pop("RAY_GCS_SERVER_PORT", None)
+            else:
+                os.environ["RAY_GCS_SERVER_PORT"] = previous
     if not verbose:
         drop_harmless_worker_lines()
     stop_on_sigterm()  # after ray.init: Ray's core worker installs a SIGTERM handler that aborts
+
+
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the OS picks it; it may be taken again later)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def stop_on_sigterm() -> None:
