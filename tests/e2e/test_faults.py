@@ -2,7 +2,7 @@
 part (README "Faults"), side by side.
 
 Two ``hardbatch run configs/smoke.yaml`` commands start at once, each on the local Ray it starts
-itself, with one config (27 epochs of 11 steps, a refresh every 3 epochs used 33 steps after its
+itself, with one config (27 epochs of 11 steps, a refresh every 6 epochs used 33 steps after its
 snapshot):
 
 * the *smoke run*, undisturbed, logging to a sqlite file: its console as a user reads it and its run
@@ -41,11 +41,12 @@ from samplers.protocol import RefreshSchedule
 ROOT = Path(__file__).resolve().parents[2]
 # configs/smoke.yaml on builtin:digits: 11 steps per epoch of 1.5-3 s here, so 27 epochs outlast the outage
 SPE, EPOCHS = 11, 27
+EVERY = 6  # epochs between refreshes: 3 refreshes a run (each costs the CPUs seconds of both runs' training)
 SAMPLER_FAULT_STEP = 12 * SPE + 3
 OUTAGE_S = 30.0
-# a refresh after every 3 epochs, used 3 epochs (configs/smoke.yaml's lag_steps: 33) later; the snapshot
+# a refresh after every 6 epochs, used 3 epochs (configs/smoke.yaml's lag_steps: 33) later; the snapshot
 # at step 264 would only be used after the last step, so it is not made
-ACTIVATIONS = tuple(RefreshSchedule(SPE, EPOCHS, every_epochs=3, lag_steps=33).activations())
+ACTIVATIONS = tuple(RefreshSchedule(SPE, EPOCHS, every_epochs=EVERY, lag_steps=33).activations())
 TOLERANCE = 1e-6
 
 
@@ -122,7 +123,7 @@ def _start(name: str, tmp: Path, uri: str, env: dict[str, str]) -> Run:
               tmp / f"{name}.out", tmp / f"{name}.err", None)  # type: ignore[arg-type]
     cmd = [sys.executable, "-m", "pipelines.cli", "run", str(ROOT / "configs/smoke.yaml"),
            "--set", f"storage.path={tmp / 'results'}", "--set", f"tracking.uri={uri}",
-           "--set", f"tracking.run_name={name}", "--set", f"train.epochs={EPOCHS}", "--set", "refresh.every_epochs=3"]
+           "--set", f"tracking.run_name={name}", "--set", f"train.epochs={EPOCHS}", "--set", f"refresh.every_epochs={EVERY}"]
     with open(run.out, "w") as out, open(run.err, "w") as err:
         run.proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=out, stderr=err, start_new_session=True)
     return run
@@ -261,10 +262,10 @@ def test_smoke_run_logs_a_learning_run(pair):
     state = json.loads((run_dir / "sampler_state.json").read_text())["versions"]
     assert [Path(v["path"]).name for v in state] == [t.name for t in tables]  # what is on disk is what is used
     # after the last epoch the kept checkpoints (epochs 24..26, one more in reserve: steps from 264 on)
-    # need version 7 (active from 264); the refresh caller still counts from the last snapshot it made
-    # (231: the one at 264 would only be used after the last step), so version 6 stays too; the
-    # older tables went, their manifests stay (the pruning itself: tests/samplers/test_plans.py)
-    assert [t.name for t in tables] == ["v0006.npz", "v0007.npz"], tables
+    # need version 3 (active from 231); the refresh caller still counts from the last snapshot it made
+    # (198: the one at 264 would only be used after the last step), so version 2 (active at 198) stays
+    # too; the older tables went, their manifests stay (the pruning itself: tests/samplers/test_plans.py)
+    assert [t.name for t in tables] == ["v0002.npz", "v0003.npz"], tables
     assert [m.name for m in manifests] == [f"v{v:04d}.json" for v in range(len(ACTIVATIONS) + 1)]
     disk = [line for line in lines if line.startswith("[hardbatch] disk: ")]
     assert len(disk) == 1 and "checkpoints" in disk[0] and "graph versions" in disk[0], disk
@@ -304,7 +305,7 @@ def test_a_run_survives_mlflow_down_30_s_a_killed_sampler_and_a_killed_refresher
         logged = sorted(line["step"] for line in everything if key in line)
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == logged, key
     # the refresh protocol held through both restarts: every step's graph version is the schedule's
-    assert ACTIVATIONS == (66, 99, 132, 165, 198, 231, 264)
+    assert ACTIVATIONS == (99, 165, 231)
     for line in lines:
         if "graph/version" in line:
             assert line["graph/version"] == sum(a <= line["step"] - 1 for a in ACTIVATIONS), line
