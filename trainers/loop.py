@@ -42,6 +42,10 @@ MODEL_FILE = "model.pt"  # the file pipelines.embed loads
 # Fault injection for the end-to-end tests: "RANK:STEP:MARKER" makes that rank's process die at the
 # start of that global step, once per marker file (the file is created just before).
 FAULT_ENV = "HARDBATCH_FAULT_ONCE"
+# Pacing for the end-to-end tests: seconds every step sleeps, so that a run of few steps still spans a
+# fault of fixed length (an MLflow outage of 30 s) on a fast machine. Time only: a run's batches,
+# views and weights depend on (seed, config) alone, so a paced run trains exactly as an unpaced one.
+PACE_ENV = "HARDBATCH_STEP_PACE_S"
 OPTIM_FILE = "optimizer.pt"
 TRACKER_CLOSE_S = 20.0  # at the end of training, how long rank 0 waits for MLflow to take its last metrics
 META_FILE = "meta.json"
@@ -349,6 +353,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     best = BestEncoder(cfg["best_dir"], cfg["network"]) if rank == 0 and cfg.get("best_dir") else None
     keep = cfg.get("checkpoint_keep")
 
+    pace_s = float(os.environ.get(PACE_ENV) or 0.0)
     for epoch in range(start_epoch, epochs):
         model.train()
         window_start, window_steps, window_loss, window_wait = time.perf_counter(), 0, 0.0, 0.0
@@ -356,6 +361,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         for local_step in range(spe):
             step = epoch * spe + local_step
             _maybe_fail(rank, step)
+            if pace_s > 0:
+                time.sleep(pace_s)
             # (3) feed: this rank's row of the global plan; the task fetches its columns and views.
             t_wait = time.perf_counter()
             # nobody asks for plans past an activation step before its graph version is in

@@ -2,7 +2,7 @@
 part (README "Faults"), side by side.
 
 Two ``hardbatch run configs/smoke.yaml`` commands start at once, each on the local Ray it starts
-itself, with one config (27 epochs of 11 steps, a refresh every 6 epochs used 33 steps after its
+itself, with one config (12 epochs of 11 steps, a refresh every 3 epochs used 33 steps after its
 snapshot):
 
 * the *smoke run*, undisturbed, logging to a sqlite file: its console as a user reads it and its run
@@ -39,13 +39,17 @@ from _procs import free_port, private_env, stop_group, wait_for
 from samplers.protocol import RefreshSchedule
 
 ROOT = Path(__file__).resolve().parents[2]
-# configs/smoke.yaml on builtin:digits: 11 steps per epoch of 1.5-3 s here, so 27 epochs outlast the outage
-SPE, EPOCHS = 11, 27
-EVERY = 6  # epochs between refreshes: 3 refreshes a run (each costs the CPUs seconds of both runs' training)
-SAMPLER_FAULT_STEP = 12 * SPE + 3
+# configs/smoke.yaml on builtin:digits: 11 steps per epoch
+SPE, EPOCHS = 11, 12
+EVERY = 3  # epochs between refreshes
+SAMPLER_FAULT_STEP = 5 * SPE + 3  # before version 1 is activated (step 66): the restarted sampler must serve it
 OUTAGE_S = 30.0
-# a refresh after every 6 epochs, used 3 epochs (configs/smoke.yaml's lag_steps: 33) later; the snapshot
-# at step 264 would only be used after the last step, so it is not made
+# The faulted run sleeps this long every step (trainers.loop.PACE_ENV): its 132 steps then span at least
+# 46 s, so training goes on through the outage and after it even on the fastest machine, while the two
+# runs cost the CPUs no more than 12 epochs each. Pacing costs time only (the equality test below).
+PACE_S = 0.35
+# a refresh after every 3 epochs, used 3 epochs (configs/smoke.yaml's lag_steps: 33) later; the snapshot
+# at step 99 would only be used after the last step, so it is not made
 ACTIVATIONS = tuple(RefreshSchedule(SPE, EPOCHS, every_epochs=EVERY, lag_steps=33).activations())
 TOLERANCE = 1e-6
 
@@ -140,7 +144,7 @@ def pair(tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     server = _start_mlflow(store, port, log)
     fault_env = {**private_env(), "HARDBATCH_SAMPLER_FAULT_ONCE": f"{SAMPLER_FAULT_STEP}:{tmp / 'sampler-died'}",
-                 "HARDBATCH_REFRESHER_FAULT_ONCE": str(tmp / "refresher-died")}
+                 "HARDBATCH_REFRESHER_FAULT_ONCE": str(tmp / "refresher-died"), "HARDBATCH_STEP_PACE_S": str(PACE_S)}
     runs: list[Run] = []
     try:
         runs.append(_start("e2e-smoke", tmp, f"sqlite:///{tmp / 'smoke.db'}", private_env()))
@@ -261,11 +265,11 @@ def test_smoke_run_logs_a_learning_run(pair):
     tables, manifests = sorted(run_dir.glob("graphs/v*.npz")), sorted(run_dir.glob("graphs/v*.json"))
     state = json.loads((run_dir / "sampler_state.json").read_text())["versions"]
     assert [Path(v["path"]).name for v in state] == [t.name for t in tables]  # what is on disk is what is used
-    # after the last epoch the kept checkpoints (epochs 24..26, one more in reserve: steps from 264 on)
-    # need version 3 (active from 231); the refresh caller still counts from the last snapshot it made
-    # (198: the one at 264 would only be used after the last step), so version 2 (active at 198) stays
-    # too; the older tables went, their manifests stay (the pruning itself: tests/samplers/test_plans.py)
-    assert [t.name for t in tables] == ["v0002.npz", "v0003.npz"], tables
+    # after the last epoch the kept checkpoints (epochs 9..11, one more in reserve: steps from 99 on)
+    # need version 2 (active from 99); the refresh caller still counts from the last snapshot it made
+    # (66: the one at 99 would only be used after the last step), so version 1 (active at 66) stays
+    # too; the older table went, its manifest stays (the pruning itself: tests/samplers/test_plans.py)
+    assert [t.name for t in tables] == ["v0001.npz", "v0002.npz"], tables
     assert [m.name for m in manifests] == [f"v{v:04d}.json" for v in range(len(ACTIVATIONS) + 1)]
     disk = [line for line in lines if line.startswith("[hardbatch] disk: ")]
     assert len(disk) == 1 and "checkpoints" in disk[0] and "graph versions" in disk[0], disk
@@ -305,7 +309,7 @@ def test_a_run_survives_mlflow_down_30_s_a_killed_sampler_and_a_killed_refresher
         logged = sorted(line["step"] for line in everything if key in line)
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == logged, key
     # the refresh protocol held through both restarts: every step's graph version is the schedule's
-    assert ACTIVATIONS == (99, 165, 231)
+    assert ACTIVATIONS == (66, 99)
     for line in lines:
         if "graph/version" in line:
             assert line["graph/version"] == sum(a <= line["step"] - 1 for a in ACTIVATIONS), line
