@@ -44,9 +44,10 @@ SPE, EPOCHS = 11, 12
 EVERY = 3  # epochs between refreshes
 SAMPLER_FAULT_STEP = 5 * SPE + 3  # before version 1 is activated (step 66): the restarted sampler must serve it
 OUTAGE_S = 30.0
-# The faulted run sleeps this long every step (trainers.loop.PACE_ENV): its 132 steps then span at least
-# 46 s, so training goes on through the outage and after it even on the fastest machine, while the two
-# runs cost the CPUs no more than 12 epochs each. Pacing costs time only (the equality test below).
+# Each step of the faulted run takes at least this long (trainers.loop.PACE_ENV; a faster step sleeps the
+# rest): its 132 steps then span at least 46 s, so training goes on through the outage and after it even
+# on the fastest machine, while on a slow one (steps of 0.5 s and more) nothing waits. Pacing costs time
+# only (the equality test below).
 PACE_S = 0.35
 # a refresh after every 3 epochs, used 3 epochs (configs/smoke.yaml's lag_steps: 33) later; the snapshot
 # at step 99 would only be used after the last step, so it is not made
