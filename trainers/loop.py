@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import ray
 import ray.train
 import ray.train.torch
