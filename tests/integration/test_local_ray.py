@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
-from _procs import private_env, stop_group
+from _procs import run_cli
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # What Ray Train's PlacementGroupCleaner does every second of a run: ask the state API, with no
 # address, about an actor of its own cluster. With two Rays on the machine Ray's auto-detection
@@ -41,12 +43,8 @@ PROBE = textwrap.dedent("""
 def test_the_state_api_inside_a_local_run_finds_its_own_ray(ray_head):
     """With the session's head running, an actor of a run's local Ray reaches its own GCS by
     ``RAY_ADDRESS``; the driver's own environment is left as it was."""
-    proc = subprocess.Popen([sys.executable, "-c", PROBE], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, env=private_env())
-    try:
-        out, _ = proc.communicate(timeout=200)
-    finally:
-        stop_group(proc.pid, grace_s=2.0, leader=proc)
+    proc = run_cli([sys.executable, "-c", PROBE], cwd=ROOT, timeout=200)  # a timeout fails with the output tail
+    out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     line = next(line for line in out.splitlines() if line.startswith("RESULT"))
     _, own_port, address, state, driver_address, driver_port = line.split()
