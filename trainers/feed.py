@@ -232,7 +232,7 @@ def _worker_init(parent: int) -> None:
 
     A forked child inherits the worker's sockets to Ray; if it outlived a crashed worker, Ray would
     not see the worker's connection close and would notice the death only minutes later (a worker
-    failure took 10 minutes instead of 2 in tests/e2e/test_refresh_resume.py). So on Linux the
+    failure took 10 minutes instead of 2 in an end-to-end test). So on Linux the
     child asks the kernel for SIGKILL when its parent goes (``PR_SET_PDEATHSIG``).
     """
     torch.set_num_threads(1)  # one process per core; torch's own pool would oversubscribe

@@ -1,6 +1,10 @@
 """`hardbatch run` on the user's own images in S3 (a real moto server on 127.0.0.1), on the session's
 Ray head, read back from MLflow. The S3 keys are in the command's environment only: they reach the
-head's workers with the source."""
+head's workers with the source.
+
+The run refreshes its graph synchronously after every epoch (`refresh.mode: sync`): each version is
+active exactly from the epoch boundary after its snapshot, and the trainer waits for the whole refresh.
+(The asynchronous protocol, the default, is the smoke run's: test_faults.py.)"""
 
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ from pipelines.synthetic import image_folder
 ROOT = Path(__file__).resolve().parents[2]
 EPOCHS = 3
 TINY = ["model.width=8", "model.embed_dim=32", "model.proj_hidden=64", "model.proj_dim=16", "train.batch_size=32",
-        f"train.epochs={EPOCHS}", "train.log_every_steps=2", "sampler.m=40", "data.image_size=16"]
+        f"train.epochs={EPOCHS}", "train.log_every_steps=2", "sampler.m=40", "data.image_size=16",
+        "refresh.mode=sync", "refresh.every_epochs=1"]
 
 
 @pytest.mark.e2e
@@ -53,5 +58,17 @@ def test_run_on_s3_image_folders_with_a_corrupt_file(ray_head, tmp_path):
     loss = [m.value for m in sorted(client.get_metric_history(rid, "train/loss"), key=lambda m: m.step)]
     assert len(loss) >= EPOCHS and all(v == v for v in loss)
     assert {a.path for a in client.list_artifacts(rid, "data")} >= {"data/items_train.csv", "data/items_test.csv"}
+    # refresh.mode=sync: the plans of epoch e (from 0) come from version e, built from the weights at the
+    # end of epoch e - 1, and the trainer's stall covers the whole refresh (embedding and build); there is
+    # no refresh after the last epoch
+    spe = int(params["derived.steps_per_epoch"])
+    versions = sorted((m.step, m.value) for m in client.get_metric_history(rid, "graph/version"))
+    assert versions and all(v == (step - 1) // spe for step, v in versions), (spe, versions)
+    assert {v for _, v in versions} == set(range(EPOCHS))
+    logged = {key: {(m.step, m.timestamp): m.value for m in client.get_metric_history(rid, key)}
+              for key in ("refresh/stall_seconds", "refresh/embed_seconds", "refresh/graph_seconds")}
+    stalls, embed, build = logged.values()
+    assert len(stalls) == EPOCHS - 1, logged
+    assert all(stall >= 0.95 * (embed[key] + build[key]) for key, stall in stalls.items()), logged
     items = (tmp_path / "results" / "e2e-s3" / "data" / "items_train.csv").read_text().splitlines()
     assert len(items) == 97 and items[4].split(",")[2] == f'"{made.files["train"][3].split("/", 1)[1]}"'

@@ -29,7 +29,7 @@ def test_a_bimodal_loss_trains_through_hardbatch(ray_head, tmp_path):
     """``loss.name=joint`` on the bimodal Gaussian pairs, 2 epochs on graph version 0: no refresh during
     training (``refresh.every_epochs=0``; a refresh after epoch 1 of 2 would land after the last step and
     only be waited for). Refresh during training is the subject of test_faults.py (async) and
-    test_refresh_resume.py (sync)."""
+    test_data_s3.py (sync)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = [str(BIN / "hardbatch"), "run", str(ROOT / "configs/bimodal_gaussian.yaml"), "--set", "loss.name=joint",
            "--set", "data.num_samples=2000", "--set", "train.epochs=2", "--set", "refresh.every_epochs=0",

@@ -1,7 +1,7 @@
 """`hardbatch sweep` over image losses on the smoke config, then `hardbatch compare`, as a user runs
 them; the sweep's runs are also the end-to-end check that SSCL, MVEB and the soft-target classifier
 (soft_infonce) train through hardbatch (InfoNCE is the loss of every other end-to-end run:
-test_faults.py, test_refresh_resume.py, ...; a bimodal loss is test_losses.py's).
+test_faults.py, test_data_s3.py, ...; a bimodal loss is test_losses.py's).
 
 The sweep draws uniform batches (``sampler.name=uniform``): soft_infonce estimates its partition
 function from the batch's own targets, so batches of few classes (RWR's: same-class rate ~0.19 here
@@ -11,8 +11,8 @@ end-to-end run's.
 
 The sweep joins the session's Ray head (tests/conftest.py) instead of starting a Ray of its own. Its
 runs train on graph version 0 (``refresh.every_epochs=0``): a refresh after epoch 1 of 2 lands after
-the last step, so it would only be waited for; refresh is the subject of test_cli_run.py and
-test_refresh_resume.py.
+the last step, so it would only be waited for; refresh is the subject of test_faults.py (async) and
+test_data_s3.py (sync).
 """
 
 from __future__ import annotations

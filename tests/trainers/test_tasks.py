@@ -13,6 +13,7 @@ from pipelines.datasets import SampleStore
 from pipelines.sources import gaussian_pairs, load_source, split_indices
 from trainers.losses import LOSSES
 from trainers.models import network_spec, unwrap
+from trainers.feed import step_seed
 from trainers.tasks import TARGET_FILE, EMATask, build_task
 
 MODEL = {"width": 8, "embed_dim": 32, "proj_hidden": 64, "proj_dim": 16}
@@ -169,3 +170,26 @@ def test_classifier_mixup_targets_mix_the_flipped_batch():
     lam = targets[0, labels[0]] if labels[0] != labels[-1] else None
     if lam is not None:  # row i mixes its own label (lam) with the label of row N-1-i (1 - lam)
         torch.testing.assert_close(targets[-1, labels[-1]], lam)
+
+
+def test_a_step_trained_again_draws_what_it_drew_the_first_time():
+    """trainers.loop seeds torch's generator with ``step_seed(train.seed, rank, step)`` before each
+    step's loss: SSCL's synthetic negatives (random mixing weights) are then a function of the step, so
+    a step replayed after a restart computes the loss it computed before (tests/e2e/test_faults.py
+    shows it for a whole run through its faults)."""
+    train, _ = _stores("builtin:digits")
+    task = _task("sscl", train, {"temperature": 0.2, "n_hard": 32, "n_synthetic": 16})
+    torch.manual_seed(0)
+    model = task.build()
+    task.attach(model)
+    ids = np.arange(64)
+
+    def loss_of(step: int, rank: int) -> float:
+        torch.manual_seed(step_seed(0, rank, step))
+        with torch.no_grad():
+            loss, _ = task.step_loss(model, train, ids, torch.device("cpu"))
+        return loss.item()
+
+    first = [loss_of(step, 0) for step in (5, 6)]
+    assert [loss_of(step, 0) for step in (5, 6)] == first  # replayed: bit for bit
+    assert first[0] != first[1] and loss_of(5, 1) != first[0]  # other steps, other ranks: other draws
