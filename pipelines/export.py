@@ -26,6 +26,13 @@ MLflow 3.17 behaviours this module works around (read in ``mlflow/models/model.p
   is made active first.
 * Without ``pip_requirements`` MLflow infers them by loading the model in a subprocess: 6.6 s per
   model here, against 0.5 s (small CNN) to 2 s (ResNet-18) for the whole log with them given.
+* ``log_model(run_id=...)`` links the run's metrics at the model's step to the model by fetching the
+  whole history of every metric key of the run: one request per key and model, each history in full.
+  Against a server with basic authentication (a password hash checked per request, about 0.3 s each on
+  this machine) that made logging two encoders take 31 s after a 2-epoch run, and it grows with the
+  run's length. So the model is created with ``source_run_id`` (which ``runs:/`` resolves by), logged
+  by its ``model_id`` without a run, and linked here: one ``log_outputs`` and one ``log_batch`` of the
+  metrics at its step, read from the run's own record (``metrics.jsonl``).
 * ``runs:/<id>/NAME`` resolves a *run artifact* ``NAME`` before a logged model of that name: nothing
   else may be logged under ``encoder`` or ``encoder_best`` in the run's artifacts.
 * The loaded model is a ``torch.fx.GraphModule`` exported in inference mode; its ``.eval()`` raises
@@ -75,11 +82,13 @@ def _plain_spec(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def log_encoder(net, spec: dict[str, Any], which: str, run_id: str, example: np.ndarray, step: int,
-                info: Optional[dict[str, Any]] = None) -> str:
+                info: Optional[dict[str, Any]] = None, params: Optional[dict[str, str]] = None,
+                metrics: Optional[dict[str, tuple[float, int]]] = None) -> str:
     """Log the encoder of ``net`` (a network of :func:`trainers.models.build_network`) to run
     ``run_id`` as the MLflow model ``ENCODER_MODELS[which]``; returns its model id.
 
-    The tracking URI and the run's experiment must be the active ones (:func:`log_encoders`).
+    The tracking URI and the run's experiment must be the active ones (:func:`log_encoders`), and no
+    run active in this process.
 
     Args:
         net: the trained network (its projector or head is not logged).
@@ -89,20 +98,54 @@ def log_encoder(net, spec: dict[str, Any], which: str, run_id: str, example: np.
         example: ``float32 [EXAMPLE_ROWS, *x_shape]`` in [0, 1], real samples.
         step: the training step of these weights (the run's metrics at that step are linked to the model).
         info: more metadata (epoch, the metric a best epoch was chosen by, ...).
+        params: the run's parameters, copied to the model (as ``log_model(run_id=...)`` copies them).
+        metrics: ``{key: (value, timestamp_ms)}``, the run's metrics at ``step``, linked to the model.
     """
     import mlflow
     import torch
+    from mlflow.entities import LoggedModelOutput, Metric
 
     from trainers.models import Encoder, encoder_card
 
     encoder = Encoder(net).eval().requires_grad_(False)
     card = encoder_card(spec)
     meta = {META_KEY: {"card": card, "network": _plain_spec(spec), "which": which, **(info or {})}}
-    model = mlflow.pytorch.log_model(
-        encoder, name=ENCODER_MODELS[which], run_id=run_id, signature=_signature(card),
-        input_example=np.ascontiguousarray(example, dtype=np.float32), metadata=meta, step=int(step),
+    # Not log_model(run_id=...): see the module docstring.
+    model = mlflow.initialize_logged_model(name=ENCODER_MODELS[which], source_run_id=run_id,
+                                           params={k: str(v) for k, v in (params or {}).items()})
+    mlflow.pytorch.log_model(
+        encoder, name=ENCODER_MODELS[which], model_id=model.model_id, signature=_signature(card),
+        input_example=np.ascontiguousarray(example, dtype=np.float32), metadata=meta,
         serialization_format="pt2", pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+    client = mlflow.MlflowClient()
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=int(step))])
+    if metrics:
+        client.log_batch(run_id, metrics=[Metric(key, float(value), int(ts), int(step), run_id=run_id,
+                                                 model_id=model.model_id)
+                                          for key, (value, ts) in sorted(metrics.items())])
     return model.model_id
+
+
+def metrics_at_steps(metrics_file: Path, steps: set[int]) -> dict[int, dict[str, tuple[float, int]]]:
+    """``{step: {key: (value, timestamp_ms)}}`` of the metrics a run logged at ``steps``, from its
+    record ``metrics.jsonl`` (:class:`trainers.tracking.Tracker`: every metric, with the timestamp it
+    was sent to MLflow with); the newest line wins where a replayed step logged a key again."""
+    from trainers.tracking import LINE_KEYS
+
+    found: dict[int, dict[str, tuple[float, int]]] = {step: {} for step in steps}
+    if not metrics_file.exists():
+        return found
+    with open(metrics_file) as lines:
+        for text in lines:
+            try:
+                line = json.loads(text)
+            except ValueError:  # a line cut short by a crash
+                continue
+            step = line.get("step")
+            if step in found:
+                found[step].update({key: (float(value), int(line["time_ms"])) for key, value in line.items()
+                                    if key not in LINE_KEYS})
+    return found
 
 
 def example_rows(store, rows: int = EXAMPLE_ROWS) -> np.ndarray:
@@ -112,9 +155,11 @@ def example_rows(store, rows: int = EXAMPLE_ROWS) -> np.ndarray:
 
 
 def log_encoders(tracking_uri: str, run_id: str, final_dir: str | Path, best_dir: str | Path,
-                 example: np.ndarray) -> dict[str, Any]:
+                 example: np.ndarray, metrics_file: Optional[Path] = None) -> dict[str, Any]:
     """Log a finished run's final encoder (from the checkpoint in ``final_dir``) and, when
     ``best_dir`` holds one (``network.json`` beside ``model.pt``), its best; see the module docstring.
+    The run's metrics at each model's step (from ``metrics_file``, the run's ``metrics.jsonl``) are
+    linked to that model.
 
     Returns:
         ``{"final": model_id, "best": model_id or None, "seconds": float}``.
@@ -126,19 +171,25 @@ def log_encoders(tracking_uri: str, run_id: str, final_dir: str | Path, best_dir
     t0 = time.perf_counter()
     mlflow.set_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
     # Not the default experiment: see the module docstring.
-    mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
+    mlflow.set_experiment(experiment_id=run.info.experiment_id)
     out: dict[str, Any] = {"final": None, "best": None}
+    found = {}
     for which, directory in (("final", Path(final_dir)), ("best", Path(best_dir))):
-        if not (directory / NETWORK_FILE).exists():
-            continue
-        meta_file = directory / "meta.json"
-        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        if (directory / NETWORK_FILE).exists():
+            meta_file = directory / "meta.json"
+            found[which] = (directory, json.loads(meta_file.read_text()) if meta_file.exists() else {})
+    steps = {meta.get("step") or 0 for _, meta in found.values()}
+    metrics = metrics_at_steps(Path(metrics_file), steps) if metrics_file else {}
+    for which, (directory, meta) in found.items():
         info = {"epoch": int(meta["epoch"]) + 1 if "epoch" in meta else None, "step": meta.get("step")}
         if which == "best":
             info.update(metric=meta.get("metric"), value=meta.get("value"))
         net, spec = load_network(directory)
-        out[which] = log_encoder(net, spec, which, run_id, example, meta.get("step") or 0, info)
+        step = meta.get("step") or 0
+        out[which] = log_encoder(net, spec, which, run_id, example, step, info, params=run.data.params,
+                                 metrics=metrics.get(step))
     out["seconds"] = time.perf_counter() - t0
     return out
 

@@ -545,8 +545,7 @@ def run(config: Config, config_path: Optional[str] = None, parent_run_id: Option
         disk = disk_use(run_dir)
         tracker.log_metrics({"run/wall_seconds": wall, "run/disk_bytes": sum(disk.values())},
                             step=config.train.epochs * spe)
-        _log_encoders(uri, run_id, result.checkpoint, run_dir / "best", splits.train, tracker,
-                      config.train.epochs * spe)
+        _log_encoders(uri, run_id, result.checkpoint, run_dir, splits.train, tracker, config.train.epochs * spe)
         status = "FINISHED"
         final = client.get_run(run_id).data.metrics
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (pipelines.cli): a stop, not a failure; resumable
@@ -608,14 +607,15 @@ class _GraphV0Report:
         _print(f"graph v0: {info['embed_seconds']:.1f} s embedding, {info['graph_seconds']:.2f} s build")
 
 
-def _log_encoders(uri: str, run_id: str, checkpoint, best_dir: Path, train_store, tracker, step: int) -> None:
+def _log_encoders(uri: str, run_id: str, checkpoint, run_dir: Path, train_store, tracker, step: int) -> None:
     """The trained encoder as MLflow models ``encoder`` and ``encoder_best`` (:mod:`pipelines.export`).
     A failure is a warning, not a failed run: the checkpoints still hold the weights."""
     from pipelines.export import example_rows, log_encoders
 
     try:
         with checkpoint.as_directory() as final_dir:
-            logged = log_encoders(uri, run_id, final_dir, best_dir, example_rows(train_store))
+            logged = log_encoders(uri, run_id, final_dir, run_dir / "best", example_rows(train_store),
+                                  metrics_file=run_dir / "metrics.jsonl")
     except Exception as err:  # noqa: BLE001 -- tracking never fails a finished training
         _print(f"warning: the encoder could not be logged to MLflow ({type(err).__name__}: "
                f"{str(err).splitlines()[0][:200] if str(err) else ''}); the checkpoints hold it: {checkpoint.path}")

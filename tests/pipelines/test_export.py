@@ -48,8 +48,18 @@ def logged(tmp_path_factory):
     runs = {}
     for name, best_dir in (("both", best), ("final_only", tmp / "no_best")):
         run_id = client.create_run(experiment, run_name=name).info.run_id
-        client.log_metric(run_id, "eval/knn_acc", 0.5, step=8)
-        out = log_encoders(uri, run_id, final, best_dir, example)
+        client.log_param(run_id, "train.lr", 0.1)
+        # the run's record (metrics.jsonl) and what it sent to MLflow: the best epoch's step 4, the final 8
+        record = tmp / f"{name}.jsonl"
+        lines = [{"step": 4, "time_ms": 1_000, "src": "worker", "eval/knn_acc": 0.25, "train/loss": 2.0},
+                 {"step": 6, "time_ms": 2_000, "src": "worker", "train/loss": 1.5},
+                 {"step": 8, "time_ms": 3_000, "src": "worker", "eval/knn_acc": 0.5}]
+        record.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"step": 8, "time_')  # cut short
+        for line in lines:
+            for key in ("eval/knn_acc", "train/loss"):
+                if key in line:
+                    client.log_metric(run_id, key, line[key], timestamp=line["time_ms"], step=line["step"])
+        out = log_encoders(uri, run_id, final, best_dir, example, metrics_file=record if name == "both" else None)
         assert out["final"] and (out["best"] is not None) == (name == "both") and out["seconds"] > 0
         client.set_terminated(run_id, "FINISHED")
         runs[name] = run_id
@@ -72,7 +82,13 @@ def test_logged_encoders_carry_card_signature_metrics_and_load_back_strictly(log
     model = client.get_logged_model(final.model_id)
     assert model.name == "encoder" and model.source_run_id == run_id
     assert model.experiment_id == client.get_run(run_id).info.experiment_id  # not the default experiment
-    assert [m.key for m in model.metrics] == ["eval/knn_acc"]  # the run's metrics at the model's step
+    # the run's metrics at the model's step are linked to it, and the run's history has each once
+    assert [(m.key, m.value, m.step, m.timestamp) for m in model.metrics] == [("eval/knn_acc", 0.5, 8, 3_000)]
+    assert sorted((m.key, m.step) for m in client.get_logged_model(best.model_id).metrics) == [
+        ("eval/knn_acc", 4), ("train/loss", 4)]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "eval/knn_acc")) == [4, 8]
+    assert [o.model_id for o in client.get_run(run_id).outputs.model_outputs] == [final.model_id, best.model_id]
+    assert model.params["train.lr"] == "0.1"  # the run's parameters, copied to the model
     x = torch.from_numpy(np.random.default_rng(1).random((5, *SHAPE), dtype=np.float32))
     for logged_encoder, directory in ((final, logged["final"]), (best, logged["best"])):
         encoder, meta = load_encoder(logged_encoder.model_uri, uri)  # strict: every weight, nothing more
