@@ -10,6 +10,8 @@
                                                      a run's trained encoder as one file + encoder.json
     hardbatch embed --run RUN_ID --source SOURCE --out DIR [--which final|best] [--batch-size N]
                                                      embeddings of any source as a parquet dataset
+    hardbatch generate shapes|gratings DIR [--train N] [--test N] [--classes C] [--size S] [--seed K]
+                                                     a seeded image-folder data set (DIR/train, DIR/test)
 """
 
 from __future__ import annotations
@@ -96,7 +98,49 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument("--label-column", default=None,
                              help="parquet sources: the label column (default: the run's data.label_column)")
         cmd.add_argument("-v", "--verbose", action="store_true", help="show Ray's and MLflow's own INFO lines too")
+
+    generate = sub.add_parser("generate", help="write a seeded image-folder data set (train and test class folders)")
+    generate.add_argument("kind", choices=("shapes", "gratings"),
+                          help="shapes: the benchmark where raw pixels are near chance (pipelines/shapes.py); "
+                               "gratings: oriented gratings (pipelines/synthetic.py)")
+    generate.add_argument("out", metavar="DIR", help="new (or empty) folder: DIR/train/class_NN/*.png, DIR/test/...")
+    generate.add_argument("--train", type=int, default=1200, metavar="N", help="training images per class (default 1200)")
+    generate.add_argument("--test", type=int, default=200, metavar="N", help="test images per class (default 200)")
+    generate.add_argument("--classes", type=int, default=10, metavar="C", help="classes (default 10)")
+    generate.add_argument("--size", type=int, default=32, metavar="S", help="image side in pixels (default 32)")
+    generate.add_argument("--seed", type=int, default=0, metavar="K", help="seed of everything drawn (default 0)")
     return parser
+
+
+def _generate(args: argparse.Namespace) -> int:
+    """``hardbatch generate``: the bad request in one line (exit 2), else the folder and how to use it."""
+    import time
+    from pathlib import Path
+
+    from pipelines.synthetic import image_folder
+
+    out = Path(args.out)
+    for name, least in (("train", 1), ("test", 0), ("classes", 1), ("size", 8)):
+        if getattr(args, name) < least:
+            print(f"hardbatch: --{name} {getattr(args, name)}: must be at least {least}", file=sys.stderr)
+            return 2
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        print(f"hardbatch: {out}: exists and is not an empty folder; give a new one", file=sys.stderr)
+        return 2
+    splits = {"train": args.train, **({"test": args.test} if args.test else {})}
+    t0 = time.perf_counter()
+    try:
+        made = image_folder(out, num_classes=args.classes, per_class=splits, size=args.size, seed=args.seed,
+                            kind=args.kind)
+    except ValueError as err:
+        print(f"hardbatch: {err}", file=sys.stderr)
+        return 2
+    counts = ", ".join(f"{len(files)} {split}" for split, files in made.files.items())
+    print(f"[hardbatch] {args.kind}: {counts} images of {args.size}x{args.size}, {args.classes} classes, "
+          f"seed {args.seed}, in {out} ({time.perf_counter() - t0:.1f} s)")
+    test = f" --set data.test_source=images:{out / 'test'}" if args.test else ""
+    print(f"[hardbatch] train on it: hardbatch run CONFIG --set data.source=images:{out / 'train'}{test}")
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -115,6 +159,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return main_compare(args)
     if args.command == "sweep":
         return _sweep(args)
+    if args.command == "generate":
+        return _generate(args)
     if args.command in ("export", "embed"):
         try:
             from pipelines import export

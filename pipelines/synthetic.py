@@ -111,8 +111,23 @@ def _draw_size(rng: np.random.Generator, size: Size) -> tuple[int, int]:
     return int(rng.integers(low, high + 1)), int(rng.integers(low, high + 1))
 
 
+def _renderer(kind: str):
+    """The image function of a generated set's ``kind``: ``gratings`` (:func:`render`, the default)
+    or ``shapes`` (:func:`pipelines.shapes.render_shape`, the benchmark of issue 15)."""
+    if kind == "gratings":
+        return render
+    if kind == "shapes":
+        from pipelines.shapes import render_shape
+
+        return render_shape
+    raise ValueError(f"kind: {kind!r} is not one of {', '.join(KINDS)}")
+
+
+KINDS = ("gratings", "shapes")
+
+
 def _item(seed: int, label: int, index: int, num_classes: int, size: Size, formats: Sequence[str],
-          modes: Sequence[str]) -> tuple[bytes, str]:
+          modes: Sequence[str], kind: str = "gratings") -> tuple[bytes, str]:
     """Encoded bytes and file extension of one generated image (format and mode drawn per image)."""
     rng = np.random.default_rng([seed, label, index, 1])
     height, width = _draw_size(rng, size)
@@ -120,12 +135,12 @@ def _item(seed: int, label: int, index: int, num_classes: int, size: Size, forma
     mode = modes[int(rng.integers(len(modes)))]
     if mode not in _WRITABLE[FORMATS[fmt]]:
         mode = "RGB"
-    return encode(render(seed, max(label, 0), index, num_classes, height, width), fmt, mode), fmt
+    return encode(_renderer(kind)(seed, max(label, 0), index, num_classes, height, width), fmt, mode), fmt
 
 
 def _write_many(jobs: list[tuple]) -> int:
-    for path, seed, label, index, num_classes, size, formats, modes in jobs:
-        data, _ = _item(seed, label, index, num_classes, size, formats, modes)
+    for path, seed, label, index, num_classes, size, formats, modes, kind in jobs:
+        data, _ = _item(seed, label, index, num_classes, size, formats, modes, kind)
         with open(path, "wb") as f:
             f.write(data)
     return len(jobs)
@@ -144,7 +159,8 @@ def _run_jobs(jobs: list[tuple], workers: Optional[int]) -> None:
 def image_folder(root: Union[str, os.PathLike], *, num_classes: int = 4,
                  per_class: Union[int, dict[str, int]] = 20, size: Size = 32,
                  formats: Sequence[str] = ("png",), modes: Sequence[str] = ("RGB",), labelled: bool = True,
-                 corrupt: int = 0, seed: int = 0, workers: Optional[int] = None) -> GeneratedSet:
+                 corrupt: int = 0, seed: int = 0, workers: Optional[int] = None,
+                 kind: str = "gratings") -> GeneratedSet:
     """Write a seeded image folder.
 
     Args:
@@ -161,10 +177,18 @@ def image_folder(root: Union[str, os.PathLike], *, num_classes: int = 4,
         corrupt: number of files per split replaced by garbage bytes (named as ``.png`` images).
         seed: seed of everything drawn.
         workers: processes writing files (default: the cores, at most 8).
+        kind: what the images show: ``gratings`` (the module docstring) or ``shapes`` (the benchmark
+            of :mod:`pipelines.shapes`, at most 10 classes).
 
     Returns:
         A :class:`GeneratedSet`. Cost: O(total pixels), written in parallel.
     """
+    _renderer(kind)
+    if kind == "shapes":
+        from pipelines.shapes import SHAPES
+
+        if not 1 <= num_classes <= len(SHAPES):
+            raise ValueError(f"num_classes: {num_classes}: the shapes benchmark has 1 to {len(SHAPES)} classes")
     for fmt in formats:
         if fmt not in FORMATS:
             raise ValueError(f"formats: {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -189,7 +213,7 @@ def image_folder(root: Union[str, os.PathLike], *, num_classes: int = 4,
                 fmt = formats[int(rng.integers(len(formats)))]
                 stem = f"{class_name(c)}_{i:06d}" if labelled else f"img_{c * count + i:07d}"
                 rel = (f"{class_name(c)}/" if labelled else "") + f"{stem}.{fmt}"
-                jobs.append((str(base / rel), seed, c, index, num_classes, size, tuple(formats), tuple(modes)))
+                jobs.append((str(base / rel), seed, c, index, num_classes, size, tuple(formats), tuple(modes), kind))
                 files.append(rel_base + rel)
                 labels.append(c if labelled else -1)
         order = np.argsort(files, kind="stable")

@@ -42,10 +42,11 @@ def digits_augment(size: Size = 8) -> v2.Transform:
     ])
 
 
-def natural_augment(size: Size, channels: int = 3, blur: bool = False) -> v2.Transform:
-    """SimCLR's augmentations for natural images (see the module docstring)."""
+def natural_augment(size: Size, channels: int = 3, blur: bool = False, crop_min: float = 0.08) -> v2.Transform:
+    """SimCLR's augmentations for natural images (see the module docstring); ``crop_min`` is the
+    smallest crop as a fraction of the image's area (SimCLR's 0.08; larger where the object is small)."""
     steps: list[v2.Transform] = [
-        v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True),
+        v2.RandomResizedCrop(size, scale=(crop_min, 1.0), antialias=True),
         v2.RandomHorizontalFlip(),
     ]
     if channels == 3:
