@@ -4,10 +4,13 @@ head's workers with the source.
 
 The run refreshes its graph synchronously after every epoch (`refresh.mode: sync`): each version is
 active exactly from the epoch boundary after its snapshot, and the trainer waits for the whole refresh.
-(The asynchronous protocol, the default, is the smoke run's: test_faults.py.)"""
+(The asynchronous protocol, the default, is the smoke run's: test_faults.py.) Its loss is MVEB (an EMA
+target network beside the online one, in every checkpoint): the end-to-end check that MVEB trains
+through hardbatch; the sweep of test_sweep_compare.py is SSCL's and the soft-target classifier's."""
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -22,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EPOCHS = 3
 TINY = ["model.width=8", "model.embed_dim=32", "model.proj_hidden=64", "model.proj_dim=16", "train.batch_size=32",
         f"train.epochs={EPOCHS}", "train.log_every_steps=2", "sampler.m=40", "data.image_size=16",
-        "refresh.mode=sync", "refresh.every_epochs=1"]
+        "refresh.mode=sync", "refresh.every_epochs=1", "loss.name=mveb"]
 
 
 @pytest.mark.e2e
@@ -56,7 +59,14 @@ def test_run_on_s3_image_folders_with_a_corrupt_file(ray_head, tmp_path):
     knn = client.get_metric_history(rid, "eval/knn_acc")
     assert len(knn) == EPOCHS and all(0.0 <= m.value <= 1.0 for m in knn)
     loss = [m.value for m in sorted(client.get_metric_history(rid, "train/loss"), key=lambda m: m.step)]
-    assert len(loss) >= EPOCHS and all(v == v for v in loss)
+    assert len(loss) >= EPOCHS and all(math.isfinite(v) for v in loss)
+    # MVEB's own state: the EMA target's momentum follows its schedule from ema_base (0.99) up to 1;
+    # kappa = 1 / kernel width, the width clamped at 0.1
+    assert params["loss.name"] == "mveb" and float(params["loss.resolved.lam"]) == 0.01
+    momentum = [m.value for m in sorted(client.get_metric_history(rid, "mveb/momentum"), key=lambda m: m.step)]
+    assert len(momentum) >= EPOCHS and momentum == sorted(momentum) and 0.99 <= momentum[0] < momentum[-1] <= 1.0
+    kappa = client.get_metric_history(rid, "mveb/kappa")
+    assert kappa and all(0 < m.value <= 10 for m in kappa)
     assert {a.path for a in client.list_artifacts(rid, "data")} >= {"data/items_train.csv", "data/items_test.csv"}
     # refresh.mode=sync: the plans of epoch e (from 0) come from version e, built from the weights at the
     # end of epoch e - 1, and the trainer's stall covers the whole refresh (embedding and build); there is

@@ -1,7 +1,7 @@
 """`hardbatch sweep` over image losses on the smoke config, then `hardbatch compare`, as a user runs
-them; the sweep's runs are also the end-to-end check that SSCL, MVEB and the soft-target classifier
-(soft_infonce) train through hardbatch (InfoNCE is the loss of every other end-to-end run:
-test_faults.py, test_data_s3.py, ...; a bimodal loss is test_losses.py's).
+them; the sweep's runs are also the end-to-end check that SSCL and the soft-target classifier
+(soft_infonce) train through hardbatch (InfoNCE is the loss of test_faults.py's runs, MVEB
+test_data_s3.py's, a bimodal loss test_losses.py's).
 
 The sweep draws uniform batches (``sampler.name=uniform``): soft_infonce estimates its partition
 function from the batch's own targets, so batches of few classes (RWR's: same-class rate ~0.19 here
@@ -29,7 +29,7 @@ from _procs import head_env, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-LOSSES = ["sscl", "mveb", "soft_infonce"]
+LOSSES = ["sscl", "soft_infonce"]
 
 
 @pytest.mark.e2e
@@ -61,9 +61,6 @@ def test_sweep_the_image_losses_then_compare(ray_head, tmp_path):
     noise = [float(q) for q in soft.params["loss.resolved.noise"].strip("[]").split(",")]
     assert len(noise) == 10 and abs(sum(noise) - 1) < 1e-3  # training-set class frequencies
     assert by_name["sscl"].data.params["loss.resolved.tau_plus"] == "0.1"
-    kappa = client.get_metric_history(by_name["mveb"].info.run_id, "mveb/kappa")
-    assert kappa and all(0 < m.value <= 10 for m in kappa)  # kappa = 1 / width, width clamped at 0.1
-    assert float(by_name["mveb"].data.params["loss.resolved.lam"]) == 0.01
 
     out = tmp_path / "report"
     compare = run_cli(
