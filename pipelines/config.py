@@ -117,6 +117,9 @@ class AugmentConfig(_Section):
         "views: digits (crop, affine, noise; no flips), natural (SimCLR: resized crop, flip, colour jitter, "
         "grayscale); auto: digits for 1-channel images (builtin:digits), natural otherwise"))
     blur: bool = Field(False, description="natural: add a Gaussian blur with p 0.5 (SimCLR's ImageNet recipe)")
+    crop_min: float = Field(0.08, gt=0.0, le=1.0, description=(
+        "natural: the smallest random crop, as a fraction of the image's area (SimCLR: 0.08); raise it where "
+        "the object fills little of the image, or a view may miss it (configs/shapes.yaml: 0.35)"))
 
 
 class ModelConfig(_Section):
@@ -740,6 +743,9 @@ def check_resume(saved: dict[str, Any], config: Config) -> None:
     now = {k: v for k, v in config.flat().items()}
     keys = sorted(set(saved) | set(now))
     changed = [k for k in keys if not k.startswith(RUNTIME_KEYS) and _jsonable(saved.get(k)) != _jsonable(now.get(k))]
+    if any(k not in saved for k in changed):  # a key added since the run started: unchanged at its default
+        defaults = Config.model_validate({}).flat()
+        changed = [k for k in changed if k in saved or _jsonable(now.get(k)) != _jsonable(defaults.get(k))]
     if changed:
         shown = ", ".join(f"{k} = {now.get(k)!r} (was {saved.get(k)!r})" for k in changed[:6])
         more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""

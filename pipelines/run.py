@@ -297,7 +297,8 @@ def feed_setup(config: Config, train_store, cpus_per_worker: float) -> dict[str,
     shape = train_store.sample_shape
     preset = resolve_preset(config.augment.preset, config.data.source, shape[0] if len(shape) == 3 else 0)
     workers = config.data.feed_workers if config.data.feed_workers is not None else default_workers(cpus_per_worker)
-    return {"augment": {"preset": preset, "blur": config.augment.blur}, "feed_workers": workers,
+    return {"augment": {"preset": preset, "blur": config.augment.blur, "crop_min": config.augment.crop_min},
+            "feed_workers": workers,
             "feed_prefetch": config.data.feed_prefetch}
 
 

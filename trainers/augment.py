@@ -6,8 +6,8 @@
 ``digits``              crop-and-resize (scale 0.5..1), affine jitter (15 degrees, 10 % shift,
                         shear 10), Gaussian pixel noise 0.05; no flips (a mirrored digit is another
                         glyph or none)
-``natural``             SimCLR's recipe: random resized crop (scale 0.08..1), horizontal flip,
-                        colour jitter (0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale with p 0.2, and with
+``natural``             SimCLR's recipe: random resized crop (scale ``augment.crop_min``..1;
+                        SimCLR's 0.08), horizontal flip, colour jitter (0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale with p 0.2, and with
                         ``augment.blur`` a Gaussian blur (kernel ~10 % of the side, sigma 0.1..2) with
                         p 0.5; colour steps only on 3-channel images
 ======================  ==========================================================================
@@ -58,12 +58,14 @@ def natural_augment(size: Size, channels: int = 3, blur: bool = False, crop_min:
     return v2.Compose(steps)
 
 
-def build_augment(preset: str, size: Size, channels: int = 3, blur: bool = False) -> v2.Transform:
-    """The transform of ``augment.preset`` for ``[channels, *size]`` samples (an int size: square)."""
+def build_augment(preset: str, size: Size, channels: int = 3, blur: bool = False,
+                  crop_min: float = 0.08) -> v2.Transform:
+    """The transform of ``augment.preset`` for ``[channels, *size]`` samples (an int size: square);
+    ``blur`` and ``crop_min`` are the natural preset's (``augment.blur``, ``augment.crop_min``)."""
     if preset == "digits":
         return digits_augment(size)
     if preset == "natural":
-        return natural_augment(size, channels, blur)
+        return natural_augment(size, channels, blur, crop_min)
     raise ValueError(f"augment.preset must be one of {', '.join(PRESETS)}, got {preset!r}")
 
 

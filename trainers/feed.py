@@ -167,7 +167,7 @@ class BatchMaker:
     Attributes:
         codec: the store's codec of ``x``; v_codec: of ``v`` (paired data), else ``None``.
         views: augmented views of ``x`` per sample (2: Siamese, 1: classifier and bimodal u side).
-        augment: ``{"preset", "size", "channels", "blur"}``, or ``None`` (vectors: no augmentation).
+        augment: ``{"preset", "size", "channels", "blur", "crop_min"}``, or ``None`` (vectors: no augmentation).
         labels, pairs: whether the batch carries the labels / the ``v`` side.
     """
 
@@ -223,7 +223,7 @@ def _transform(augment: dict[str, Any]):
         size = augment["size"]
         size = int(size) if isinstance(size, (int, np.integer)) else tuple(int(d) for d in size)
         _TRANSFORMS[key] = build_augment(augment["preset"], size, int(augment.get("channels", 3)),
-                                         bool(augment.get("blur", False)))
+                                         bool(augment.get("blur", False)), float(augment.get("crop_min", 0.08)))
     return _TRANSFORMS[key]
 
 

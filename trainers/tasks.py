@@ -65,7 +65,7 @@ class Task:
         loss_fn: the built loss module.
         options: the loss's training options (``LossConfig.training()`` as a dict), or ``None``.
         eval_cfg: the ``eval:`` config section.
-        augment: ``{"preset": "digits" | "natural", "blur": bool}`` (the driver resolves
+        augment: ``{"preset": "digits" | "natural", "blur": bool, "crop_min": float}`` (the driver resolves
             ``augment.preset: auto``); default: ``digits`` for 1-channel images, ``natural`` otherwise.
         precision: ``fp32``, or ``bf16``/``fp16``: the dtype of the forward pass under autocast (the loss
             itself always computes in fp32, see ``ContrastiveLoss.__call__``).
@@ -97,7 +97,8 @@ class Task:
             if preset == "auto":
                 preset = "digits" if shape[0] == 1 else "natural"
             self.augment_spec = {"preset": preset, "size": tuple(int(d) for d in shape[1:]), "channels": int(shape[0]),
-                                 "blur": bool((augment or {}).get("blur", False))}
+                                 "blur": bool((augment or {}).get("blur", False)),
+                                 "crop_min": float((augment or {}).get("crop_min", 0.08))}
 
     # -- the network and its state ---------------------------------------------------------------
 

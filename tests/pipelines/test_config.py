@@ -316,3 +316,8 @@ def test_a_resume_with_another_config_is_refused_naming_the_keys():
         check_resume(saved, changed)
     with pytest.raises(ConfigError, match=r"loss.sscl.n_hard = 8 \(was 64\)"):
         check_resume(saved, load_config("configs/smoke.yaml", ["tracking.run_name=r", "loss.sscl.n_hard=8"]))
+    # a run started before a key existed (augment.crop_min) resumes while the key keeps its default
+    older = {k: v for k, v in saved.items() if k != "augment.crop_min"}
+    check_resume(older, first)
+    with pytest.raises(ConfigError, match=r"augment.crop_min = 0.35 \(was None\)"):
+        check_resume(older, load_config("configs/smoke.yaml", ["tracking.run_name=r", "augment.crop_min=0.35"]))

@@ -4,6 +4,7 @@ images as a pure function of their seed, raw pixels near chance, and `hardbatch 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,3 +124,15 @@ def test_generate_command_writes_the_set_and_refuses_bad_requests(tmp_path, caps
         assert main(["generate", "shapes", *args]) == 2
         assert message in capsys.readouterr().err
     assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_the_benchmark_config_validates_on_a_generated_set(tmp_path, monkeypatch, capsys):
+    """configs/shapes.yaml as its header says to use it: generate the set where you run, then run."""
+    config = Path(__file__).resolve().parents[2] / "configs" / "shapes.yaml"
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "shapes", "shapes", "--train", "2", "--test", "1"]) == 0
+    capsys.readouterr()
+    assert main(["validate", str(config)]) == 0
+    said = capsys.readouterr().out
+    assert "data: images:shapes/train: found, labelled, 10 classes" in said, said
+    assert "augment.crop_min = 0.35" in said and "model.width = 16" in said

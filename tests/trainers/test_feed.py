@@ -95,6 +95,24 @@ def test_presets_on_uint8_keep_shapes_and_dtypes():
         build_augment("imagenet", 8)
 
 
+def test_crop_min_bounds_the_crop():
+    """``augment.crop_min = 1``: every crop is the whole image, so a grey view (no colour steps) is the
+    image or its mirror; the default (SimCLR's 0.08) crops and resizes."""
+    x = torch.randint(0, 256, (1, 16, 16), dtype=torch.uint8)
+    whole = build_augment("natural", 16, channels=1, crop_min=1.0)
+    torch.manual_seed(0)
+    views = [whole(x) for _ in range(8)]
+    assert all(torch.equal(v, x) or torch.equal(v, x.flip(-1)) for v in views)
+    assert any(torch.equal(v, x) for v in views) and any(torch.equal(v, x.flip(-1)) for v in views)
+    default = build_augment("natural", 16, channels=1)
+    assert not all(torch.equal(v, x) or torch.equal(v, x.flip(-1)) for v in (default(x) for _ in range(8)))
+    from pipelines.config import ConfigError, load_config
+
+    assert load_config(None, ["augment.crop_min=0.35"]).augment.crop_min == 0.35
+    with pytest.raises(ConfigError, match="augment.crop_min"):
+        load_config(None, ["augment.crop_min=0"])
+
+
 def test_chunked_knn_equals_the_dense_vote():
     rng = np.random.default_rng(0)
     train = torch.nn.functional.normalize(torch.tensor(rng.normal(size=(300, 8))), dim=1)
