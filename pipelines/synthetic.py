@@ -111,6 +111,9 @@ def _draw_size(rng: np.random.Generator, size: Size) -> tuple[int, int]:
     return int(rng.integers(low, high + 1)), int(rng.integers(low, high + 1))
 
 
+KINDS = ("gratings", "shapes")
+
+
 def _renderer(kind: str):
     """The image function of a generated set's ``kind``: ``gratings`` (:func:`render`, the default)
     or ``shapes`` (:func:`pipelines.shapes.render_shape`, the benchmark of issue 15)."""
@@ -121,9 +124,6 @@ def _renderer(kind: str):
 
         return render_shape
     raise ValueError(f"kind: {kind!r} is not one of {', '.join(KINDS)}")
-
-
-KINDS = ("gratings", "shapes")
 
 
 def _item(seed: int, label: int, index: int, num_classes: int, size: Size, formats: Sequence[str],
@@ -183,7 +183,7 @@ def image_folder(root: Union[str, os.PathLike], *, num_classes: int = 4,
     Returns:
         A :class:`GeneratedSet`. Cost: O(total pixels), written in parallel.
     """
-    _renderer(kind)
+    _renderer(kind)  # an unknown kind fails here, before any file is written
     if kind == "shapes":
         from pipelines.shapes import SHAPES
 
