@@ -4,7 +4,7 @@
     hardbatch validate CONFIG [--set key=value ...]  check a config without starting Ray
     hardbatch sweep CONFIG --grid key=v1,v2 [--grid ...] [--seeds N] [--set key=value ...]
                                                      every combination, as child runs of one MLflow run
-    hardbatch compare --experiment NAME [--metric eval/knn_acc] [--out DIR]
+    hardbatch compare --experiment NAME [--metric eval/knn_acc] [--out DIR] [--baseline VARIANT]
                                                      table, CSV and plots of an experiment's runs
     hardbatch export --run RUN_ID --out DIR [--which final|best] [--format export|torchscript]
                                                      a run's trained encoder as one file + encoder.json
@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--tracking-uri", default=None,
                          help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)")
     compare.add_argument("--no-log", action="store_true", help="do not log the report to MLflow")
+    compare.add_argument("--baseline", default=None, metavar="VARIANT",
+                         help="set every variant against this one, paired by seed: mean difference, 95 %% interval, "
+                              "paired t-test (e.g. --baseline sampler.name=uniform)")
 
     for name, help_text in (("export", "write a run's trained encoder as a TorchScript or torch.export file"),
                             ("embed", "embed a source with a run's trained encoder, into a parquet dataset")):

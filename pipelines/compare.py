@@ -10,9 +10,16 @@ outside a sweep is grouped by loss and sampler), one row per variant:
 
 "best" is the best value of the metric over the run's epochs (highest, or lowest with
 ``--mode min``), "final" the last one; mean and standard deviation (n - 1) are over seeds.
-The report (``compare.csv``, ``table.txt`` and three PNG plots: the metric against epoch with a
-band of one standard deviation over seeds, the training loss, and sampler hardness against the
-same-class rate of batches) is written to ``--out`` and logged to a report run in the experiment.
+With ``--baseline VARIANT`` every other variant is also set against that one, paired by seed (the
+same seed draws the same initial weights and data order in both): per seed the difference of the
+best values, their mean and standard deviation, a 95 % interval and the two-sided p-value of the
+paired t-test (n - 1 degrees of freedom). A difference is called significant when its interval
+excludes 0; with 3 seeds the interval is wide (t = 4.30), which is the honest answer at that count.
+
+The report (``compare.csv``, ``table.txt``, ``differences.csv`` with a baseline, and three PNG plots:
+the metric against epoch with a band of one standard deviation over seeds, the training loss, and
+sampler hardness against the same-class rate of batches) is written to ``--out`` and logged to a
+report run in the experiment.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from trainers.tracking import PARENT_RUN_TAG
 
 CURVES = ("train/loss", "train/samples_per_s", "sampler/hardness", "sampler/same_class_rate", "run/wall_seconds")
 COLUMNS = ("variant", "seeds", "best_mean", "best_std", "final_mean", "final_std", "wall_s", "samples_per_s")
+DIFF_COLUMNS = ("variant", "baseline", "pairs", "diff_mean", "diff_std", "ci_low", "ci_high", "p_value", "significant")
 PLOTS = ("metric_by_epoch.png", "loss.png", "hardness_vs_same_class.png")
 
 
@@ -54,6 +62,7 @@ class Report:
     files: list[Path]
     report_run_id: Optional[str]
     runs: list[RunRecord]
+    differences: Optional[list[dict[str, Any]]] = None
 
 
 class CompareError(RuntimeError):
@@ -162,6 +171,76 @@ def summarize(records: list[RunRecord], metric: str, mode: str = "max") -> list[
     return sorted(rows, key=lambda row: (math.isnan(row["best_mean"]), sign * np.nan_to_num(row["best_mean"])))
 
 
+def paired_differences(records: list[RunRecord], metric: str, baseline: str, mode: str = "max",
+                       level: float = 0.95) -> list[dict[str, Any]]:
+    """Each variant's best ``metric`` against ``baseline``'s, paired by seed (columns :data:`DIFF_COLUMNS`).
+
+    For the ``n`` seeds both ran, ``d_s = best(variant, s) - best(baseline, s)``; the row holds the mean
+    and standard deviation (n - 1) of ``d``, the ``level`` interval ``mean +- t * sd / sqrt(n)`` with
+    ``t`` the Student quantile of n - 1 degrees of freedom, the two-sided p-value of the paired t-test,
+    and whether the interval excludes 0. Fewer than 2 pairs give NaN statistics (no test possible).
+
+    Raises:
+        ValueError: ``baseline`` is not one of the variants.
+    """
+    from scipy import stats
+
+    pick = max if mode == "max" else min
+    groups = _by_variant(records)
+    if baseline not in groups:
+        raise ValueError(f"--baseline {baseline!r} is not one of the variants: {', '.join(sorted(groups))}")
+
+    def best_by_seed(group: list[RunRecord]) -> dict[str, float]:
+        return {r.seed: pick(v for _, v in r.histories[metric]) for r in group if r.histories.get(metric)}
+
+    base = best_by_seed(groups[baseline])
+    rows = []
+    for variant, group in groups.items():
+        if variant == baseline:
+            continue
+        mine = best_by_seed(group)
+        seeds = sorted(set(mine) & set(base))
+        d = np.array([mine[s] - base[s] for s in seeds], dtype=float)
+        row = {"variant": variant, "baseline": baseline, "pairs": len(d), "diff_mean": math.nan,
+               "diff_std": math.nan, "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan,
+               "significant": False}
+        if len(d):
+            row["diff_mean"] = float(d.mean())
+        if len(d) >= 2:
+            sd = float(d.std(ddof=1))
+            half = float(stats.t.ppf(0.5 + level / 2, len(d) - 1)) * sd / math.sqrt(len(d))
+            if sd > 0:
+                p_value = float(2 * stats.t.sf(abs(d.mean()) / (sd / math.sqrt(len(d))), len(d) - 1))
+            else:  # every pair differs by the same amount: no spread to test against
+                p_value = 1.0 if d.mean() == 0 else 0.0
+            row.update(diff_std=sd, ci_low=float(d.mean()) - half, ci_high=float(d.mean()) + half,
+                       p_value=p_value, significant=bool(float(d.mean()) - half > 0 or float(d.mean()) + half < 0))
+        rows.append(row)
+    return rows
+
+
+def format_differences(rows: list[dict[str, Any]], metric: str) -> str:
+    """The paired differences as an aligned plain-text table; a missing value prints as ``-``."""
+
+    def signed(value: float) -> str:
+        return "-" if math.isnan(value) else f"{value:+.4f}"
+
+    def plain(value: float, digits: int = 4) -> str:
+        return "-" if math.isnan(value) else f"{value:.{digits}f}"
+
+    header = ["variant", "pairs", f"best {metric} - baseline", "95 % interval", "p (paired t)", "significant"]
+    body = [[row["variant"], str(row["pairs"]), f"{signed(row['diff_mean'])} ± {plain(row['diff_std'])}",
+             f"[{signed(row['ci_low'])}, {signed(row['ci_high'])}]", plain(row["p_value"], 3),
+             "yes" if row["significant"] else "no"] for row in rows]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+
+    def fmt(line: list[str]) -> str:
+        return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+
+    title = f"against {rows[0]['baseline']}, paired by seed:" if rows else "no other variant to set against"
+    return "\n".join([title, fmt(header), "  ".join("-" * w for w in widths), *map(fmt, body)])
+
+
 def format_table(rows: list[dict[str, Any]], metric: str) -> str:
     """The rows as an aligned plain-text table; a missing value (one seed: no std) prints as ``-``."""
 
@@ -181,9 +260,9 @@ def format_table(rows: list[dict[str, Any]], metric: str) -> str:
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, body)])
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+def write_csv(rows: list[dict[str, Any]], path: Path, columns: tuple[str, ...] = COLUMNS) -> None:
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
@@ -275,7 +354,7 @@ def plot_report(records: list[RunRecord], metric: str, out_dir: Path) -> list[Pa
 
 def compare(experiment: str, metric: str = "eval/knn_acc", out_dir: Optional[str] = None,
             tracking_uri: Optional[str] = None, sweep_id: Optional[str] = None, all_runs: bool = False,
-            mode: str = "max", log_to_mlflow: bool = True) -> Report:
+            mode: str = "max", log_to_mlflow: bool = True, baseline: Optional[str] = None) -> Report:
     """Build the report of an experiment; see the module docstring.
 
     Args:
@@ -287,9 +366,10 @@ def compare(experiment: str, metric: str = "eval/knn_acc", out_dir: Optional[str
         all_runs: compare every finished run of the experiment.
         mode: ``max`` if higher values of ``metric`` are better, else ``min``.
         log_to_mlflow: log the report as a run (tag ``hardbatch.kind = report``) in the experiment.
+        baseline: a variant to set every other against, paired by seed (:func:`paired_differences`).
 
     Raises:
-        CompareError: nothing to compare.
+        CompareError: nothing to compare, or ``baseline`` is not a variant.
     """
     from mlflow.tracking import MlflowClient
 
@@ -307,12 +387,23 @@ def compare(experiment: str, metric: str = "eval/knn_acc", out_dir: Optional[str
         raise CompareError(f"metric {metric!r} was not logged by any of the runs ({what})")
     rows = summarize(records, metric, mode)
     table = format_table(rows, metric)
+    differences = None
+    if baseline is not None:
+        try:
+            differences = paired_differences(records, metric, baseline, mode)
+        except ValueError as err:
+            raise CompareError(str(err)) from None
+        table = f"{table}\n\n{format_differences(differences, metric)}"
 
     out = Path(out_dir) if out_dir else Path("hardbatch_results", "compare", _safe(experiment))
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "compare.csv")
     (out / "table.txt").write_text(f"{what}\n\n{table}\n")
-    files = [out / "compare.csv", out / "table.txt", *plot_report(records, metric, out)]
+    files = [out / "compare.csv", out / "table.txt"]
+    if differences is not None:
+        write_csv(differences, out / "differences.csv", DIFF_COLUMNS)
+        files.append(out / "differences.csv")
+    files += plot_report(records, metric, out)
 
     report_run_id = None
     if log_to_mlflow:
@@ -322,7 +413,8 @@ def compare(experiment: str, metric: str = "eval/knn_acc", out_dir: Optional[str
     print(f"\nwrote {', '.join(str(f) for f in files)}")
     if report_run_id:
         print(f"logged to MLflow run {report_run_id} (experiment {experiment!r}, {uri})")
-    return Report(rows=rows, table=table, out_dir=out, files=files, report_run_id=report_run_id, runs=records)
+    return Report(rows=rows, table=table, out_dir=out, files=files, report_run_id=report_run_id, runs=records,
+                  differences=differences)
 
 
 def _log_report(client, runs, experiment: str, metric: str, mode: str, files: list[Path]) -> str:
@@ -350,7 +442,8 @@ def main_compare(args) -> int:
     """The ``hardbatch compare`` subcommand body (``args`` from :mod:`pipelines.cli`)."""
     try:
         compare(args.experiment, metric=args.metric, out_dir=args.out, tracking_uri=args.tracking_uri,
-                sweep_id=args.sweep, all_runs=args.all, mode=args.mode, log_to_mlflow=not args.no_log)
+                sweep_id=args.sweep, all_runs=args.all, mode=args.mode, log_to_mlflow=not args.no_log,
+                baseline=args.baseline)
     except CompareError as err:
         print(f"hardbatch: {err}", file=sys.stderr)
         return 1

@@ -65,12 +65,20 @@ def test_sweep_the_image_losses_then_compare(ray_head, tmp_path):
     out = tmp_path / "report"
     compare = run_cli(
         [str(BIN / "hardbatch"), "compare", "--experiment", "hardbatch-smoke", "--out", str(out),
-         "--tracking-uri", uri],
+         "--tracking-uri", uri, "--baseline", "loss.name=sscl"],
         cwd=tmp_path, env=env, timeout=300)
     assert compare.returncode == 0, compare.stdout[-3000:] + compare.stderr[-3000:]
     table = compare.stdout
     assert "best eval/knn_acc" in table and "samples/s" in table
     assert all(f"loss.name={name}" in table for name in LOSSES)
+    # against the baseline, paired by seed: one seed each, so a difference and no test
+    assert "against loss.name=sscl, paired by seed:" in table
+    with open(out / "differences.csv") as handle:
+        (diff,) = list(csv.DictReader(handle))
+    assert diff["variant"] == "loss.name=soft_infonce" and diff["pairs"] == "1" and diff["p_value"] == ""
+    assert float(diff["diff_mean"]) == pytest.approx(
+        max(m.value for m in client.get_metric_history(by_name["soft_infonce"].info.run_id, "eval/knn_acc"))
+        - max(m.value for m in client.get_metric_history(by_name["sscl"].info.run_id, "eval/knn_acc")))
 
     with open(out / "compare.csv") as handle:
         rows = list(csv.DictReader(handle))

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines import sweep as sweep_mod
 from pipelines.cli import main
-from pipelines.compare import band, compare, format_table, summarize, RunRecord
+from pipelines.compare import RunRecord, band, compare, format_differences, format_table, paired_differences, summarize
 from pipelines.config import ConfigError, load_config
 from pipelines.sweep import parallel_capacity, parse_grid, plan_sweep, run_demand, run_sweep
 
@@ -209,6 +209,57 @@ def test_summary_and_band_math():
     assert "0.9000 ± -" in table and table.splitlines()[0].startswith("variant")
     x, mean, std = band([records[0].histories["m"], records[1].histories["m"]])
     assert list(x) == [1.0, 2.0] and np.allclose(mean, [0.3, 0.3]) and np.allclose(std, [0.1414214] * 2)
+
+
+
+def _seeded(variant: str, bests: dict[str, float]) -> list[RunRecord]:
+    """One run per seed whose metric ``m`` peaks at the given value (and ends lower)."""
+    return [RunRecord(f"{variant}-{seed}", f"{variant}-{seed}", variant, seed, {"m": [(1, best), (2, best - 0.1)]})
+            for seed, best in bests.items()]
+
+
+def test_paired_differences_against_hand_computed_statistics():
+    records = (_seeded("base", {"0": 0.5, "1": 0.6, "2": 0.7})
+               + _seeded("better", {"0": 0.55, "1": 0.68, "2": 0.74, "3": 0.99})  # seed 3 has no pair
+               + _seeded("same", {"0": 0.55, "1": 0.57, "2": 0.71})
+               + _seeded("shifted", {"0": 0.52, "1": 0.62, "2": 0.72})
+               + _seeded("once", {"0": 0.9}))
+    rows = {row["variant"]: row for row in paired_differences(records, "m", "base")}
+    assert set(rows) == {"better", "same", "shifted", "once"}
+
+    # d = (0.05, 0.08, 0.04): mean 0.05667, sd 0.02082; t(0.975, 2 dof) = 4.302653 (tables)
+    better = rows["better"]
+    d = [0.05, 0.08, 0.04]
+    mean = sum(d) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
+    half = 4.302652729911275 * sd / math.sqrt(3)
+    assert better["pairs"] == 3 and better["diff_mean"] == pytest.approx(mean) and better["diff_std"] == pytest.approx(sd)
+    assert (better["ci_low"], better["ci_high"]) == pytest.approx((mean - half, mean + half))
+    # with 2 degrees of freedom Student's CDF is 1/2 + t / (2 sqrt(2 + t^2)): p = 1 - t / sqrt(2 + t^2)
+    t = mean / (sd / math.sqrt(3))
+    assert better["p_value"] == pytest.approx(1 - t / math.sqrt(2 + t * t)) and better["significant"]
+    assert 0.04 < better["p_value"] < 0.045
+
+    # d = (0.05, -0.03, 0.01): the interval holds 0
+    same = rows["same"]
+    assert same["diff_mean"] == pytest.approx(0.01) and same["ci_low"] < 0 < same["ci_high"] and not same["significant"]
+    # the same difference on every seed: no spread, the interval is the point
+    shifted = rows["shifted"]
+    assert shifted["diff_std"] == pytest.approx(0.0, abs=1e-12) and shifted["significant"]
+    assert shifted["ci_low"] == pytest.approx(0.02) and shifted["ci_high"] == pytest.approx(0.02)
+    # one pair: a difference, no test
+    once = rows["once"]
+    assert once["pairs"] == 1 and once["diff_mean"] == pytest.approx(0.4)
+    assert math.isnan(once["p_value"]) and math.isnan(once["ci_low"]) and not once["significant"]
+
+    # lower is better: the best value of each run is its minimum (0.1 below the peak here)
+    low = {row["variant"]: row for row in paired_differences(records, "m", "base", mode="min")}
+    assert low["better"]["diff_mean"] == pytest.approx(mean)
+    table = format_differences(list(rows.values()), "m")
+    assert table.splitlines()[0] == "against base, paired by seed:"
+    assert f"{mean:+.4f} ± {sd:.4f}" in table and "[-" in table and " yes" in table and " no" in table
+    with pytest.raises(ValueError, match="--baseline 'uniform' is not one of the variants: base, better, once"):
+        paired_differences(records, "m", "uniform")
 
 
 # ----------------------------------------------------------------------------------------------
