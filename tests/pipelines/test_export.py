@@ -87,7 +87,8 @@ def test_logged_encoders_carry_card_signature_metrics_and_load_back_strictly(log
     assert sorted((m.key, m.step) for m in client.get_logged_model(best.model_id).metrics) == [
         ("eval/knn_acc", 4), ("train/loss", 4)]
     assert sorted(m.step for m in client.get_metric_history(run_id, "eval/knn_acc")) == [4, 8]
-    assert [o.model_id for o in client.get_run(run_id).outputs.model_outputs] == [final.model_id, best.model_id]
+    assert sorted((o.model_id, o.step) for o in client.get_run(run_id).outputs.model_outputs) == sorted(
+        [(final.model_id, 8), (best.model_id, 4)])  # the run's outputs (MLflow returns them in no fixed order)
     assert model.params["train.lr"] == "0.1"  # the run's parameters, copied to the model
     x = torch.from_numpy(np.random.default_rng(1).random((5, *SHAPE), dtype=np.float32))
     for logged_encoder, directory in ((final, logged["final"]), (best, logged["best"])):
