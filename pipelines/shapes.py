@@ -45,7 +45,6 @@ _OBJECT = np.array([[0.95, 0.3, 0.25], [0.98, 0.75, 0.2], [0.95, 0.95, 0.4], [0.
 # from, a plain SimCLR loop told instances apart by their backgrounds and its kNN accuracy stayed at
 # 0.15 after 6 epochs of 6000 images; with this one background it reached 0.33 (bench/RESULTS.md).
 _BACKGROUND = np.array([[0.08, 0.1, 0.25], [0.25, 0.08, 0.1]], np.float32)
-_DIRECTION = np.array([1.0, 0.0], np.float32)
 
 
 def _polygon(u: np.ndarray, v: np.ndarray, sides: int, turn: float = 0.0, radius: float = 1.0) -> np.ndarray:
@@ -119,21 +118,19 @@ def render_shape(seed: int, label: int, index: int, num_classes: int, height: in
         raise ValueError(f"num_classes = {num_classes}: the shapes benchmark has 1 to {len(SHAPES)} classes")
     rng = np.random.default_rng([seed, label, index, 17])
     side = min(height, width)
-    # object: radius 22-36 % of the side, centred so that at least 80 % of it stays in the frame
+    # the object: radius RADIUS of the side, its centre at least INSIDE radii inside the frame
     radius = rng.uniform(*RADIUS) * side
     cx = rng.uniform(INSIDE * radius, width - INSIDE * radius)
     cy = rng.uniform(INSIDE * radius, height - INSIDE * radius)
     angle = rng.uniform(-MAX_ROTATION, MAX_ROTATION)
     colour = _OBJECT[rng.integers(len(_OBJECT))]
     low, high = rng.permutation(len(_BACKGROUND))[:2]
-    direction = _DIRECTION
 
     ss = SUPERSAMPLE
     yy, xx = np.mgrid[0:height * ss, 0:width * ss].astype(np.float32)
     xx, yy = (xx + 0.5) / ss, (yy + 0.5) / ss  # pixel units
-    # background: a linear gradient between two dark colours
-    t = ((xx / width - 0.5) * direction[0] + (yy / height - 0.5) * direction[1]) * np.float32(1.2) + 0.5
-    t = np.clip(t, 0.0, 1.0)[..., None]
+    # background: a horizontal gradient between two dark colours
+    t = np.clip((xx / width - 0.5) * np.float32(1.2) + 0.5, 0.0, 1.0)[..., None]
     img = (1 - t) * _BACKGROUND[low] + t * _BACKGROUND[high]
     # its texture, at a random shift (what a crop moves anyway): it drowns raw pixels, not shapes
     period = PERIOD * side / 32

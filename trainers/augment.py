@@ -7,8 +7,8 @@
                         shear 10), Gaussian pixel noise 0.05; no flips (a mirrored digit is another
                         glyph or none)
 ``natural``             SimCLR's recipe: random resized crop (scale ``augment.crop_min``..1;
-                        SimCLR's 0.08), horizontal flip, colour jitter (0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale with p 0.2, and with
-                        ``augment.blur`` a Gaussian blur (kernel ~10 % of the side, sigma 0.1..2) with
+                        SimCLR's 0.08), horizontal flip, colour jitter (0.4, 0.4, 0.4, 0.1) with
+                        p 0.8, grayscale with p 0.2, and with ``augment.blur`` a Gaussian blur (kernel ~10 % of the side, sigma 0.1..2) with
                         p 0.5; colour steps only on 3-channel images
 ======================  ==========================================================================
 
@@ -42,7 +42,10 @@ def digits_augment(size: Size = 8) -> v2.Transform:
     ])
 
 
-def natural_augment(size: Size, channels: int = 3, blur: bool = False, crop_min: float = 0.08) -> v2.Transform:
+CROP_MIN = 0.08  # SimCLR's smallest crop, as a fraction of the area: augment.crop_min's default
+
+
+def natural_augment(size: Size, channels: int = 3, blur: bool = False, crop_min: float = CROP_MIN) -> v2.Transform:
     """SimCLR's augmentations for natural images (see the module docstring); ``crop_min`` is the
     smallest crop as a fraction of the image's area (SimCLR's 0.08; larger where the object is small)."""
     steps: list[v2.Transform] = [
@@ -59,7 +62,7 @@ def natural_augment(size: Size, channels: int = 3, blur: bool = False, crop_min:
 
 
 def build_augment(preset: str, size: Size, channels: int = 3, blur: bool = False,
-                  crop_min: float = 0.08) -> v2.Transform:
+                  crop_min: float = CROP_MIN) -> v2.Transform:
     """The transform of ``augment.preset`` for ``[channels, *size]`` samples (an int size: square);
     ``blur`` and ``crop_min`` are the natural preset's (``augment.blur``, ``augment.crop_min``)."""
     if preset == "digits":

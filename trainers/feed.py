@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from trainers.augment import build_augment
+from trainers.augment import CROP_MIN, build_augment
 
 warnings.filterwarnings("ignore", message=".*image decoding and encoding capabilities of TorchVision.*")
 
@@ -223,7 +223,8 @@ def _transform(augment: dict[str, Any]):
         size = augment["size"]
         size = int(size) if isinstance(size, (int, np.integer)) else tuple(int(d) for d in size)
         _TRANSFORMS[key] = build_augment(augment["preset"], size, int(augment.get("channels", 3)),
-                                         bool(augment.get("blur", False)), float(augment.get("crop_min", 0.08)))
+                                         bool(augment.get("blur", False)),
+                                         float(augment.get("crop_min", CROP_MIN)))
     return _TRANSFORMS[key]
 
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from samplers.stats import batch_stats
-from trainers.augment import to_float
+from trainers.augment import CROP_MIN, to_float
 from trainers.evaluate import (
     alignment,
     embed_ids,
@@ -98,7 +98,7 @@ class Task:
                 preset = "digits" if shape[0] == 1 else "natural"
             self.augment_spec = {"preset": preset, "size": tuple(int(d) for d in shape[1:]), "channels": int(shape[0]),
                                  "blur": bool((augment or {}).get("blur", False)),
-                                 "crop_min": float((augment or {}).get("crop_min", 0.08))}
+                                 "crop_min": float((augment or {}).get("crop_min", CROP_MIN))}
 
     # -- the network and its state ---------------------------------------------------------------
 

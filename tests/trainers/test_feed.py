@@ -108,6 +108,9 @@ def test_crop_min_bounds_the_crop():
     assert not all(torch.equal(v, x) or torch.equal(v, x.flip(-1)) for v in (default(x) for _ in range(8)))
     from pipelines.config import ConfigError, load_config
 
+    from trainers.augment import CROP_MIN
+
+    assert load_config(None, []).augment.crop_min == CROP_MIN  # the config's default is the transform's
     assert load_config(None, ["augment.crop_min=0.35"]).augment.crop_min == 0.35
     with pytest.raises(ConfigError, match="augment.crop_min"):
         load_config(None, ["augment.crop_min=0"])
