@@ -31,7 +31,7 @@ os.environ.pop("RAY_ADDRESS", None)  # a cluster in the caller's shell must not 
 # this process, polling the head's metrics) from printing a traceback at exit once the head is gone.
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
-from _procs import free_port, stop_group  # noqa: E402  (tests/e2e is on the pytest pythonpath)
+from _procs import free_port, stop_session  # noqa: E402  (tests/e2e is on the pytest pythonpath)
 
 BIN = Path(sys.executable).parent  # the venv's ray, hardbatch, mlflow
 
@@ -70,7 +70,7 @@ def ray_head():
             head.wait()
         # `ray start` made the group; the head's daemons stay in it. Some of them outlast a SIGTERM by
         # more than 10 s (12 s of the suite's teardown), and nothing of a test head needs saving.
-        stop_group(head.pid, grace_s=2.0)
+        stop_session(head.pid, grace_s=2.0)
         shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -11,26 +11,62 @@ from typing import Optional
 from pipelines.run import free_loopback_port as free_port  # noqa: F401  (re-exported for the tests)
 
 
-def stop_group(pgid: int, grace_s: float = 10.0, leader: Optional[subprocess.Popen] = None) -> None:
-    """SIGTERM every process of the group ``pgid``, then SIGKILL what is left after ``grace_s``.
+def session_members(sid: int) -> list[int]:
+    """The live processes of the session ``sid`` (zombies left out: they only wait to be reaped).
 
-    ``leader``, the group's first process when it is this process's child, is reaped on the way
-    (a zombie would still count as a member of the group).
+    Every command a test starts gets a session of its own (``start_new_session=True``), so its
+    session is exactly what it started: the driver, the local Ray it brought up, and Ray's workers,
+    which raylet puts in process groups of their own (a ``killpg`` of the driver's group misses them,
+    and a killed run's Train controller can go on writing its checkpoint snapshot for a moment).
+    """
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            if os.getsid(pid) != sid:
+                continue
+            with open(f"/proc/{pid}/stat") as stat:
+                state = stat.read().rsplit(")", 1)[1].split()[0]
+        except (ProcessLookupError, FileNotFoundError, PermissionError):
+            continue  # ended while we looked
+        if state != "Z":
+            members.append(pid)
+    return members
+
+
+def signal_session(sid: int, sig: int) -> None:
+    """Send ``sig`` to every live process of the session ``sid``, each by its PID."""
+    for pid in session_members(sid):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def session_gone(sid: int, leader: Optional[subprocess.Popen] = None) -> bool:
+    """Whether no live process of the session ``sid`` is left (``leader``, when it is this
+    process's child, is reaped on the way)."""
+    if leader is not None:
+        leader.poll()
+    return not session_members(sid)
+
+
+def stop_session(sid: int, grace_s: float = 10.0, leader: Optional[subprocess.Popen] = None) -> None:
+    """SIGTERM every process of the session ``sid`` a test started (:func:`session_members`), then
+    SIGKILL what is left after ``grace_s``; returns once none is left, or 10 s after the SIGKILL.
+
+    ``leader``, the session's first process when it is this process's child, is reaped on the way
+    (a zombie does not count, but its PID would).
     """
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
+        signal_session(sid, sig)
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
-            if leader is not None:
-                leader.poll()
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
+            if session_gone(sid, leader):
                 return
-            time.sleep(0.5)
+            time.sleep(0.2)
 
 
 def private_env() -> dict[str, str]:
@@ -41,10 +77,10 @@ def private_env() -> dict[str, str]:
 
 def run_cli(cmd: list[str], *, timeout: float, env: Optional[dict[str, str]] = None,
             **popen_kwargs) -> subprocess.CompletedProcess:
-    """``subprocess.run(cmd, capture_output=True, text=True)`` in a new process group, with
+    """``subprocess.run(cmd, capture_output=True, text=True)`` in a new session, with
     ``env`` (default :func:`private_env`).
 
-    On timeout the whole group is stopped (the driver and the local Ray it started: killing
+    On timeout the whole session is stopped (the driver and the local Ray it started: killing
     only the driver leaves raylet and its agents running) and the test fails with the tail of
     what the command printed, so a slow or stuck run shows where it was.
     """
@@ -53,7 +89,7 @@ def run_cli(cmd: list[str], *, timeout: float, env: Optional[dict[str, str]] = N
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        stop_group(proc.pid, leader=proc)
+        stop_session(proc.pid, leader=proc)
         out, err = proc.communicate()
         raise AssertionError(f"{' '.join(cmd[:4])} ... still running after {timeout:.0f} s; "
                              f"stdout tail:\n{out[-3000:]}\nstderr tail:\n{err[-3000:]}") from None

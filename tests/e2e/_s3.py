@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from _procs import free_port, stop_group
+from _procs import free_port, stop_session
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
 
@@ -79,4 +79,4 @@ def moto_s3(timeout: float = 30.0) -> Iterator[MotoS3]:
                 time.sleep(0.2)
         yield MotoS3(port)
     finally:
-        stop_group(proc.pid, grace_s=5.0, leader=proc)
+        stop_session(proc.pid, grace_s=5.0, leader=proc)

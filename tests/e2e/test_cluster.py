@@ -25,7 +25,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from _procs import free_port, run_cli, stop_group, wait_for
+from _procs import free_port, run_cli, stop_session, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's ray, mlflow and hardbatch
@@ -95,7 +95,7 @@ def mlflow_server(tmp_path):
             raise AssertionError(f"{err}; server log:\n{log.read_text()[-3000:] if log.exists() else '-'}") from None
         yield url, home, auth
     finally:
-        stop_group(setup.pid, grace_s=3.0, leader=setup)  # the server stayed in the script's group
+        stop_session(setup.pid, grace_s=3.0, leader=setup)  # the server stayed in the script's group
 
 
 def _ray(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -49,7 +49,7 @@ from typing import Optional
 import pytest
 from mlflow.tracking import MlflowClient
 
-from _procs import free_port, private_env, run_cli, stop_group, wait_for
+from _procs import free_port, private_env, run_cli, session_gone, signal_session, stop_session, wait_for
 from pipelines.run import last_checkpoint
 from samplers.protocol import RefreshSchedule
 
@@ -91,7 +91,7 @@ def _start_mlflow(store: Path, port: int, log: Path) -> subprocess.Popen:
     try:
         wait_for(lambda: _healthy(f"http://127.0.0.1:{port}"), 120, "healthy mlflow server", server, period=0.5)
     except AssertionError as err:
-        stop_group(server.pid, grace_s=2.0, leader=server)
+        stop_session(server.pid, grace_s=2.0, leader=server)
         raise AssertionError(f"{err}; server log:\n{log.read_text()[-3000:]}") from None
     return server
 
@@ -143,7 +143,7 @@ class Run:
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            stop_group(self.proc.pid, leader=self.proc)
+            stop_session(self.proc.pid, leader=self.proc)
             raise AssertionError(f"{self.name} still running after {timeout:.0f} s; {self.tail()}") from None
 
 
@@ -159,7 +159,7 @@ class Story:
     crashed_at: int = 0  # epochs checkpointed when driver B was killed (more than ``done``)
     stopped_in: float = 0.0  # seconds from SIGTERM to driver A's end
     term_at: float = 0.0  # when driver A got SIGTERM (time.time())
-    group_gone: bool = False  # driver A's local Ray ended with it
+    group_gone: bool = False  # driver A's local Ray and its workers ended with it
     status: dict[str, str] = field(default_factory=dict)  # the MLflow run's status after each driver
     refused: Optional[subprocess.CompletedProcess] = None  # the resume with another learning rate
     v0_mtime: float = 0.0  # graph version 0's manifest, as driver A left it
@@ -191,14 +191,6 @@ def _checkpointed(run_dir: Path) -> int:
     """Epochs up to the newest checkpoint Ray Train registered: the one a resume starts from."""
     latest = last_checkpoint(run_dir)
     return 0 if latest is None else int(latest.rsplit("_", 1)[1]) + 1
-
-
-def _group_gone(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 @pytest.fixture(scope="module")
@@ -244,8 +236,8 @@ def story(tmp_path_factory):
         sent, story.term_at = time.monotonic(), time.time()
         a.wait(60)
         story.stopped_in = time.monotonic() - sent
-        story.group_gone = _wait_quietly(lambda: _group_gone(a.proc.pid), 30)
-        stop_group(a.proc.pid)
+        story.group_gone = _wait_quietly(lambda: session_gone(a.proc.pid, a.proc), 30)
+        stop_session(a.proc.pid)
         story.done, story.status["A"] = _checkpointed(run_dir), status()
         story.v0_mtime = (run_dir / "graphs" / "v0000.json").stat().st_mtime
         # a resume that would train something else is refused before Ray starts, naming what changed
@@ -259,9 +251,13 @@ def story(tmp_path_factory):
         runs.append(b)
         wait_for(lambda: (tmp / "worker-died").exists() and _checkpointed(run_dir) > story.done, 400,
                  "driver B's worker failure and its next checkpoint", b.proc, period=0.1)
-        os.killpg(b.proc.pid, signal.SIGKILL)  # the driver and the local Ray it started: a crash
+        # a crash: the driver, the local Ray it started and Ray's workers (each in a process group of
+        # its own) at once. The newest checkpoint is read once none of them is left: a Train controller
+        # that outlived its raylet for a moment could still register one.
+        signal_session(b.proc.pid, signal.SIGKILL)
         b.proc.wait(timeout=60)
-        stop_group(b.proc.pid)
+        stop_session(b.proc.pid)
+        assert session_gone(b.proc.pid), "driver B's processes outlived a SIGKILL"
         story.status["B"] = status()
 
         story.crashed_at = _checkpointed(run_dir)
@@ -291,8 +287,8 @@ def story(tmp_path_factory):
     finally:
         for run in runs:
             if run.proc.poll() is None:
-                stop_group(run.proc.pid, leader=run.proc)
-        stop_group(server.pid, grace_s=2.0, leader=server)
+                stop_session(run.proc.pid, leader=run.proc)
+        stop_session(server.pid, grace_s=2.0, leader=server)
 
 
 def _wait_quietly(condition, timeout: float) -> bool:
