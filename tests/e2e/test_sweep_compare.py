@@ -1,7 +1,7 @@
 """`hardbatch sweep` over image losses on the smoke config, then `hardbatch compare`, as a user runs
 them; the sweep's runs are also the end-to-end check that SSCL and the soft-target classifier
 (soft_infonce) train through hardbatch (InfoNCE is the loss of test_faults.py's runs, MVEB
-test_data_s3.py's, a bimodal loss test_losses.py's).
+test_data_s3.py's, a bimodal loss the job of test_cluster.py).
 
 The sweep draws uniform batches (``sampler.name=uniform``): soft_infonce estimates its partition
 function from the batch's own targets, so batches of few classes (RWR's: same-class rate ~0.19 here
