@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHES = ["losses.py", "sampler.py", "embed.py", "refresh.py", "data_feed.py", "train_throughput.py", "embed_cli.py"]  # data_memory.py: by hand (an hour)
+BENCHES = ["losses.py", "sampler.py", "embed.py", "refresh.py", "data_feed.py", "train_throughput.py", "embed_cli.py"]  # by hand: data_memory.py (an hour), shapes_floor.py and shapes_cost.py (the shapes benchmark, 10-15 minutes each)
 
 
 def main() -> int:
