@@ -5,7 +5,7 @@ environment (``RAY_AUTH_TOKEN``), so neither the user's ``~/.ray`` nor a cluster
 the machine is touched. :func:`ray_head` is a real ``ray start --head`` bound to 127.0.0.1 on free
 ports with a private temp dir; the integration tests' driver (:func:`ray_local`) and the
 end-to-end jobs connect to it, so Ray starts once, not once per module or job. Only the processes
-of that head (its process group) are stopped at the end.
+of that head (its session) are stopped at the end.
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ def ray_head():
         if head.poll() is None:
             head.kill()
             head.wait()
-        # `ray start` made the group; the head's daemons stay in it. Some of them outlast a SIGTERM by
-        # more than 10 s (12 s of the suite's teardown), and nothing of a test head needs saving.
+        # `ray start` made the session; the head's daemons and workers stay in it. Some of them outlast a
+        # SIGTERM by more than 10 s (12 s of the suite's teardown), and nothing of a test head needs saving.
         stop_session(head.pid, grace_s=2.0)
         shutil.rmtree(temp, ignore_errors=True)
 

@@ -61,7 +61,7 @@ class MotoS3:
 
 @contextlib.contextmanager
 def moto_s3(timeout: float = 30.0) -> Iterator[MotoS3]:
-    """Start ``moto_server -H 127.0.0.1 -p PORT``, wait until it answers, stop it (and its group) after."""
+    """Start ``moto_server -H 127.0.0.1 -p PORT``, wait until it answers, stop it (and its session) after."""
     import urllib.request
 
     port = free_port()

@@ -6,7 +6,7 @@ session); the MLflow server is started here on 127.0.0.1 at a free port with a s
 artifacts and MLflow's basic authentication (`--app-name basic-auth`, as cluster.yaml starts it), and
 the job finds it and its credentials through MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME and
 MLFLOW_TRACKING_PASSWORD, as on a cluster node. The job trains a bimodal loss (``BIMODAL``), so this
-is also the end-to-end run of the two-tower path. Only the server's own process group is stopped.
+is also the end-to-end run of the two-tower path. Only the server's own session is stopped.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def mlflow_server(tmp_path):
             raise AssertionError(f"{err}; server log:\n{log.read_text()[-3000:] if log.exists() else '-'}") from None
         yield url, home, auth
     finally:
-        stop_session(setup.pid, grace_s=3.0, leader=setup)  # the server stayed in the script's group
+        stop_session(setup.pid, grace_s=3.0, leader=setup)  # the server stayed in the script's session
 
 
 def _ray(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -139,7 +139,7 @@ class Run:
         return [line for line in _lines(self.run_dir / "metrics.jsonl") if line.get("src") == "worker"]
 
     def wait(self, timeout: float) -> None:
-        """Wait for the driver to end; after ``timeout`` seconds stop its group and fail with its tail."""
+        """Wait for the driver to end; after ``timeout`` seconds stop its session and fail with its tail."""
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -232,7 +232,7 @@ def story(tmp_path_factory):
         # A: SIGTERM once both actors died and were restarted, and A_EPOCHS epochs are checkpointed
         wait_for(lambda: _checkpointed(run_dir) >= A_EPOCHS, 400, f"{A_EPOCHS} checkpoints of driver A", a.proc)
         assert (tmp / "sampler-died").exists() and (tmp / "refresher-died").exists(), a.tail()
-        os.kill(a.proc.pid, signal.SIGTERM)  # the driver only, not its group
+        os.kill(a.proc.pid, signal.SIGTERM)  # the driver only, not its session
         sent, story.term_at = time.monotonic(), time.time()
         a.wait(60)
         story.stopped_in = time.monotonic() - sent
