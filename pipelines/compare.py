@@ -294,6 +294,18 @@ def band(curves: list[list[tuple[float, float]]]) -> tuple[np.ndarray, np.ndarra
     return np.asarray(xs, dtype=float), values.mean(0), std
 
 
+def variant_styles(variants: list[str]) -> dict[str, tuple[tuple[float, ...], str]]:
+    """A distinct ``(colour, line style)`` per variant, in order: tab10's colours for up to 10 variants,
+    tab20's for up to 20, then tab20's again with dashed, dotted and dash-dot lines (an 11th variant
+    must not share the 1st one's colour: a sweep compared with ``--all`` easily has more than 10)."""
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10" if len(variants) <= 10 else "tab20"]
+    size = 10 if len(variants) <= 10 else 20
+    dashes = ("-", "--", ":", "-.")
+    return {v: (tuple(palette(i % size)), dashes[(i // size) % len(dashes)]) for i, v in enumerate(variants)}
+
+
 def plot_report(records: list[RunRecord], metric: str, out_dir: Path) -> list[Path]:
     """Draw :data:`PLOTS` into ``out_dir`` and return their paths."""
     import matplotlib
@@ -302,7 +314,8 @@ def plot_report(records: list[RunRecord], metric: str, out_dir: Path) -> list[Pa
     import matplotlib.pyplot as plt
 
     groups = _by_variant(records)
-    colors = {v: plt.get_cmap("tab10")(i % 10) for i, v in enumerate(groups)}
+    styles = variant_styles(list(groups))
+    colors = {v: color for v, (color, _) in styles.items()}
     paths = []
 
     for key, name, ylabel in ((metric, PLOTS[0], metric), ("train/loss", PLOTS[1], "train/loss")):
@@ -311,8 +324,8 @@ def plot_report(records: list[RunRecord], metric: str, out_dir: Path) -> list[Pa
             x, mean, std = band([r.histories.get(key, []) for r in group])
             if not len(x):
                 continue
-            ax.plot(x, mean, color=colors[variant], marker="o" if key == metric and len(x) < 30 else None,
-                    label=f"{variant} (n={len(group)})")
+            ax.plot(x, mean, color=colors[variant], linestyle=styles[variant][1],
+                    marker="o" if key == metric and len(x) < 30 else None, label=f"{variant} (n={len(group)})")
             ax.fill_between(x, mean - std, mean + std, color=colors[variant], alpha=0.2)
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
@@ -333,7 +346,7 @@ def plot_report(records: list[RunRecord], metric: str, out_dir: Path) -> list[Pa
             if not epochs:
                 continue
             xs, ys = [hardness[e] for e in epochs], [same[e] for e in epochs]
-            ax.plot(xs, ys, color=colors[variant], alpha=0.4, linewidth=1)
+            ax.plot(xs, ys, color=colors[variant], linestyle=styles[variant][1], alpha=0.4, linewidth=1)
             ax.scatter(xs, ys, color=colors[variant], s=[12 + 36 * k / max(len(epochs) - 1, 1) for k in range(len(xs))],
                        label=variant if i == 0 else None)
     ax.set_xlabel("sampler/hardness (mean pairwise cosine within a batch)")

@@ -19,7 +19,8 @@ from mlflow.tracking import MlflowClient
 
 from pipelines import sweep as sweep_mod
 from pipelines.cli import main
-from pipelines.compare import RunRecord, band, compare, format_differences, format_table, paired_differences, summarize
+from pipelines.compare import (RunRecord, band, compare, format_differences, format_table, paired_differences, summarize,
+                               variant_styles)
 from pipelines.config import ConfigError, load_config
 from pipelines.sweep import parallel_capacity, parse_grid, plan_sweep, run_demand, run_sweep
 
@@ -216,6 +217,20 @@ def _seeded(variant: str, bests: dict[str, float]) -> list[RunRecord]:
     """One run per seed whose metric ``m`` peaks at the given value (and ends lower)."""
     return [RunRecord(f"{variant}-{seed}", f"{variant}-{seed}", variant, seed, {"m": [(1, best), (2, best - 0.1)]})
             for seed, best in bests.items()]
+
+
+@pytest.mark.parametrize("count", [1, 10, 11, 20, 21, 45])
+def test_every_variant_of_a_report_has_its_own_colour_and_line(count):
+    """Past 10 variants tab10 would give the 11th the 1st one's colour (a `compare --all` of the shapes
+    study had 11): each variant keeps a distinct (colour, line style), and up to 20 distinct colours."""
+    variants = [f"sampler.m={i}" for i in range(count)]
+    styles = variant_styles(variants)
+    assert list(styles) == variants
+    assert len(set(styles.values())) == count
+    colours = {colour for colour, _ in styles.values()}
+    assert len(colours) == min(count, 20)
+    if count <= 10:
+        assert {line for _, line in styles.values()} == {"-"}
 
 
 def test_paired_differences_against_hand_computed_statistics():
