@@ -314,8 +314,7 @@ def plot_report(records: list[RunRecord], metric: str, out_dir: Path) -> list[Pa
     import matplotlib.pyplot as plt
 
     groups = _by_variant(records)
-    styles = variant_styles(list(groups))
-    colors = {v: color for v, (color, _) in styles.items()}
+    styles = variant_styles(list(groups))  # variant -> (colour, line style)
     paths = []
 
     for key, name, ylabel in ((metric, PLOTS[0], metric), ("train/loss", PLOTS[1], "train/loss")):
@@ -324,9 +323,10 @@ def plot_report(records: list[RunRecord], metric: str, out_dir: Path) -> list[Pa
             x, mean, std = band([r.histories.get(key, []) for r in group])
             if not len(x):
                 continue
-            ax.plot(x, mean, color=colors[variant], linestyle=styles[variant][1],
-                    marker="o" if key == metric and len(x) < 30 else None, label=f"{variant} (n={len(group)})")
-            ax.fill_between(x, mean - std, mean + std, color=colors[variant], alpha=0.2)
+            color, line = styles[variant]
+            ax.plot(x, mean, color=color, linestyle=line, marker="o" if key == metric and len(x) < 30 else None,
+                    label=f"{variant} (n={len(group)})")
+            ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2)
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.set_title(f"{ylabel}: mean over seeds, band ± 1 std")
@@ -346,8 +346,9 @@ def plot_report(records: list[RunRecord], metric: str, out_dir: Path) -> list[Pa
             if not epochs:
                 continue
             xs, ys = [hardness[e] for e in epochs], [same[e] for e in epochs]
-            ax.plot(xs, ys, color=colors[variant], linestyle=styles[variant][1], alpha=0.4, linewidth=1)
-            ax.scatter(xs, ys, color=colors[variant], s=[12 + 36 * k / max(len(epochs) - 1, 1) for k in range(len(xs))],
+            color, line = styles[variant]
+            ax.plot(xs, ys, color=color, linestyle=line, alpha=0.4, linewidth=1)
+            ax.scatter(xs, ys, color=color, s=[12 + 36 * k / max(len(epochs) - 1, 1) for k in range(len(xs))],
                        label=variant if i == 0 else None)
     ax.set_xlabel("sampler/hardness (mean pairwise cosine within a batch)")
     ax.set_ylabel("sampler/same_class_rate")
