@@ -16,10 +16,10 @@ every 3 epochs used 33 steps after its snapshot) start at once, each on the loca
      state file, the refresher retrying the refresh from its weight snapshot. Once all that happened
      and 6 epochs are checkpointed, the driver gets SIGTERM, as from a scheduler: it stops within
      seconds, with the local Ray it started, and marks the MLflow run KILLED.
-     The same command with another learning rate is then refused, naming the key.
   B. resumes; a Train worker process dies late in its first epoch (``train.max_failures=1``: Ray Train
      restarts the group from the last checkpoint); once the next checkpoint is written, the driver
-     and its local Ray are killed (SIGKILL: a crash).
+     and its local Ray are killed (SIGKILL: a crash). Beside B, the same command with another
+     learning rate is refused, naming the key.
   C. resumes with a file where its first checkpoint must go (storage that takes no writes; we run as
      root here, so permissions cannot make it unwritable): the run stops with one clear line and is
      marked FAILED (``train.max_failures=0``, a key a resume may change: a retry would fail the same).
@@ -42,6 +42,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -240,8 +241,6 @@ def story(tmp_path_factory):
         stop_session(a.proc.pid)
         story.done, story.status["A"] = _checkpointed(run_dir), status()
         story.v0_mtime = (run_dir / "graphs" / "v0000.json").stat().st_mtime
-        # a resume that would train something else is refused before Ray starts, naming what changed
-        story.refused = run_cli([*_command(tmp, url, "faults"), "--set", "train.lr=0.01"], cwd=tmp, timeout=120)
 
         # B: rank 1 dies once, two steps before the end of the first epoch B trains; killed with its Ray
         # once that epoch's checkpoint is written again
@@ -249,6 +248,12 @@ def story(tmp_path_factory):
         b = story.drivers["B"] = _start("faults B", tmp, url, {
             **private_env(), "HARDBATCH_FAULT_ONCE": f"1:{fail_step}:{tmp / 'worker-died'}"})
         runs.append(b)
+        # meanwhile, a resume that would train something else is refused before Ray starts, naming what
+        # changed (it reads the run's saved config and MLflow status only: B, resuming, changes neither)
+        refusal = ThreadPoolExecutor(1)
+        refused = refusal.submit(run_cli, [*_command(tmp, url, "faults"), "--set", "train.lr=0.01"], cwd=tmp,
+                                 timeout=120)
+        refusal.shutdown(wait=False)
         wait_for(lambda: (tmp / "worker-died").exists() and _checkpointed(run_dir) > story.done, 400,
                  "driver B's worker failure and its next checkpoint", b.proc, period=0.1)
         # a crash: the driver, the local Ray it started and Ray's workers (each in a process group of
@@ -259,6 +264,7 @@ def story(tmp_path_factory):
         stop_session(b.proc.pid)
         assert session_gone(b.proc.pid), "driver B's processes outlived a SIGKILL"
         story.status["B"] = status()
+        story.refused = refused.result()
 
         story.crashed_at = _checkpointed(run_dir)
 
