@@ -18,8 +18,11 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/hardbatch run $(CONFIG) $(ARGS)
 
+# Two pytest workers: one runs the end-to-end jobs (tests/e2e, one after the other, on one Ray head),
+# the other everything else meanwhile (tests/conftest.py). The jobs wait on processes, servers and
+# restarts for much of their time; run alone, one after the other, the suite takes about 720 s here.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
 
 # The edit loop: everything but the end-to-end jobs (tests/e2e); `make test` still runs them all.
 test-fast: $(STAMP)

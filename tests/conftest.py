@@ -18,6 +18,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -93,14 +94,56 @@ def _uses_head(item) -> bool:
     return bool({"ray_head", "ray_local"} & set(getattr(item, "fixturenames", ())))
 
 
+def _is_job(nodeid: str) -> bool:
+    """Whether a test is one of the end-to-end jobs (``tests/e2e``)."""
+    return nodeid.startswith("tests/e2e/")
+
+
+def _worker() -> Optional[str]:
+    """This process's pytest-xdist worker id (``gw0``, ...), or ``None`` when pytest runs alone."""
+    return os.environ.get("PYTEST_XDIST_WORKER")
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``make test``: ``-n 2``) one worker runs the end-to-end jobs while the other
+    runs the rest. Both share the machine's cores with the jobs' processes, so torch computes on one
+    thread in the workers themselves: two OpenMP threads on a machine already busy spin at each
+    barrier for the one that was descheduled (a 2-second unit test took 30 s so). The jobs' own
+    processes are untouched (their threads are the run's configuration)."""
+    if _worker() is not None:
+        import torch
+
+        torch.set_num_threads(1)
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: unknown where xdist is not loaded
+def pytest_xdist_make_scheduler(config, log):
+    """The scheduler of ``-n N``: the end-to-end jobs (``tests/e2e``) are one unit of work, which one
+    worker runs first to last (in file order, on its one Ray head); every other test module is a unit
+    of its own (its module fixtures set up once), handed to whichever worker is free. The jobs come
+    first in the collection (:func:`pytest_collection_modifyitems`) and the units are taken in that
+    order, so the jobs, the longest unit by far, start at once."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class JobsApart(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "tests/e2e" if _is_job(nodeid) else nodeid.split("::", 1)[0]
+
+    config.option.loadscopereorder = False  # keep the collection's order (not the largest unit first)
+    return JobsApart(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests that need no Ray head run first (in their usual order), then those of the session's
-    head: the head starts at its first use and stays to the end, and its idle processes take about
-    0.07 of a core, which the head-free tests (the runs on their own local Ray above all) then keep.
+    """Run alone, tests that need no Ray head run first (in their usual order), then those of the
+    session's head: the head starts at its first use and stays to the end, and its idle processes take
+    about 0.07 of a core, which the head-free tests (the runs on their own local Ray above all) then keep.
+    Under pytest-xdist the end-to-end jobs come first (:func:`pytest_xdist_make_scheduler`).
 
     Tests marked ``gpu`` need a CUDA device: where none is visible they are deselected (not run,
     not counted as passed) and the end of the run says so."""
     items.sort(key=_uses_head)  # stable: the order within each group is kept
+    if _worker() is not None:
+        items.sort(key=lambda item: not _is_job(item.nodeid))
     if not any(item.get_closest_marker("gpu") for item in items):
         return
     import torch
@@ -110,6 +153,19 @@ def pytest_collection_modifyitems(config, items):
     _NO_GPU.extend(item.nodeid for item in items if item.get_closest_marker("gpu"))
     config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("gpu")])
     items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+
+
+def pytest_sessionfinish(session):
+    if _worker() is not None and hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["no_gpu"] = len(_NO_GPU)  # read by the controller (below)
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: unknown where xdist is not loaded
+def pytest_testnodedown(node, error):
+    """pytest-xdist's controller: a worker ended; it collected (and deselected) what the others did."""
+    count = getattr(node, "workeroutput", {}).get("no_gpu", 0)
+    if count > len(_NO_GPU):
+        _NO_GPU[:] = ["?"] * count
 
 
 def pytest_terminal_summary(terminalreporter):
