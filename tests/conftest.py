@@ -87,7 +87,8 @@ def ray_local(ray_head):
     ray.shutdown()
 
 
-_NO_GPU: list[str] = []
+_NO_GPU: list[str] = []  # the GPU tests this process's collection deselected
+_NO_GPU_IN_WORKERS: list[int] = []  # under pytest-xdist, the controller: how many each worker deselected
 
 
 def _uses_head(item) -> bool:
@@ -162,13 +163,12 @@ def pytest_sessionfinish(session):
 
 @pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: unknown where xdist is not loaded
 def pytest_testnodedown(node, error):
-    """pytest-xdist's controller: a worker ended; it collected (and deselected) what the others did."""
-    count = getattr(node, "workeroutput", {}).get("no_gpu", 0)
-    if count > len(_NO_GPU):
-        _NO_GPU[:] = ["?"] * count
+    """pytest-xdist's controller (which collects nothing itself): a worker ended, with its count."""
+    _NO_GPU_IN_WORKERS.append(getattr(node, "workeroutput", {}).get("no_gpu", 0))
 
 
 def pytest_terminal_summary(terminalreporter):
-    if _NO_GPU:
-        terminalreporter.write_line(f"{len(_NO_GPU)} GPU tests not run: no CUDA device here "
+    count = max([len(_NO_GPU), *_NO_GPU_IN_WORKERS])  # every worker collects (and deselects) the same
+    if count:
+        terminalreporter.write_line(f"{count} GPU tests not run: no CUDA device here "
                                     f"(bench/gpu_check.sh runs them on a GPU machine)")
