@@ -154,14 +154,15 @@ class CpuWatch:
               f"(% of a core: {top})", flush=True)
 
 
-def hardbatch_run(root: Path, work: Path, args: argparse.Namespace, steps_per_epoch: int) -> list[float]:
-    """``train/samples_per_s`` of the logging windows after the first of a ``hardbatch run``."""
+def hardbatch_run(root: Path, work: Path, args: argparse.Namespace, log_every: int) -> list[float]:
+    """``train/samples_per_s`` of the full logging windows (``log_every`` steps) after the first of a
+    ``hardbatch run``."""
     overrides = [
         f"data.source=images:{root}", f"data.image_size={args.size}", "data.test_fraction=0.05",
         f"model.backbone={args.backbone}", f"train.batch_size={args.batch}", "train.num_workers=1",
         f"train.cpus_per_worker={args.threads}", "refresh.num_cpus=0", "data.feed_workers=1",
         "sampler.name=uniform", "refresh.every_epochs=0", "train.epochs=1", "train.warmup_epochs=0",
-        f"train.precision={args.precision}", f"train.log_every_steps={args.log_every}",
+        f"train.precision={args.precision}", f"train.log_every_steps={log_every}",
         "eval.max_samples=64", "eval.max_train_samples=256", f"ray.num_cpus={args.threads}",
         f"tracking.uri=sqlite:///{work / 'mlflow.db'}", f"storage.path={work / 'results'}",
         "tracking.run_name=throughput", "checkpoint.keep=1",
@@ -182,7 +183,7 @@ def hardbatch_run(root: Path, work: Path, args: argparse.Namespace, steps_per_ep
     rows = [json.loads(line) for line in (work / "results" / "throughput" / "metrics.jsonl").read_text().splitlines()]
     logged = [row for row in rows if "train/samples_per_s" in row]
     # the first window holds the start-up; the epoch's last may be a short remainder (noisy): both dropped
-    windows = [row for prev, row in zip(logged, logged[1:]) if row["step"] - prev["step"] == args.log_every]
+    windows = [row for prev, row in zip(logged, logged[1:]) if row["step"] - prev["step"] == log_every]
     waits = [row["train/data_wait_s"] for row in windows]
     print(f"hardbatch: waiting for the batch (plan fetch + feed) per step: "
           f"{' '.join(f'{w * 1000:.0f}' for w in waits)} ms", flush=True)
@@ -223,8 +224,7 @@ def main() -> None:
         work.mkdir()
         t0 = time.perf_counter()
         steps_per_epoch = int(len(files) * 0.95) // args.batch
-        args.log_every = max(2, steps_per_epoch // 5)
-        speeds = hardbatch_run(Path(tmp, "imgs"), work, args, steps_per_epoch)
+        speeds = hardbatch_run(Path(tmp, "imgs"), work, args, log_every=max(2, steps_per_epoch // 5))
         ours = len(speeds) / sum(1.0 / s for s in speeds)  # equal windows: steps over total time
         print(f"hardbatch run ({args.precision}): windows {' '.join(f'{s:.1f}' for s in speeds)} samples/s "
               f"({time.perf_counter() - t0:.0f} s with Ray start-up)", flush=True)
