@@ -300,10 +300,9 @@ def variant_styles(variants: list[str]) -> dict[str, tuple[tuple[float, ...], st
     must not share the 1st one's colour: a sweep compared with ``--all`` easily has more than 10)."""
     from matplotlib import colormaps
 
-    palette = colormaps["tab10" if len(variants) <= 10 else "tab20"]
-    size = 10 if len(variants) <= 10 else 20
+    palette = colormaps["tab10" if len(variants) <= 10 else "tab20"]  # palette.N colours: 10 or 20
     dashes = ("-", "--", ":", "-.")
-    return {v: (tuple(palette(i % size)), dashes[(i // size) % len(dashes)]) for i, v in enumerate(variants)}
+    return {v: (tuple(palette(i % palette.N)), dashes[(i // palette.N) % len(dashes)]) for i, v in enumerate(variants)}
 
 
 def plot_report(records: list[RunRecord], metric: str, out_dir: Path) -> list[Path]:
